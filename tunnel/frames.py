@@ -1,0 +1,225 @@
+"""Binary framing of the tunnel: frame header layout, frame types, the
+incremental decoder, and the encoding of request/response heads.
+
+Frame layout (big endian): type u8 | flags u8 | stream_id u32 | length u32 | payload.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+from .errors import ProtocolError
+
+HEADER = struct.Struct("!BBII")
+HEADER_SIZE = HEADER.size  # 10 bytes
+MAX_STREAM_ID = 2**31 - 1
+MAX_WINDOW = 2**31 - 1
+
+
+class FrameType(IntEnum):
+    HELLO = 1  # agent -> edge, stream 0: JSON handshake
+    WELCOME = 2  # edge -> agent, stream 0: JSON handshake answer
+    HEADERS = 3  # request head (edge -> agent) or response head (agent -> edge)
+    DATA = 4  # body bytes, flow controlled
+    WINDOW_UPDATE = 5  # u32 increment; stream 0 = connection budget
+    RESET = 6  # u32 error code + utf-8 reason
+    PING = 7  # u64 opaque timestamp; flag ACK on the answer
+    GOAWAY = 8  # u32 last stream id + u32 code + utf-8 reason
+    STATUS = 9  # agent -> edge, stream 0: JSON health report
+
+
+FLAG_END_STREAM = 0x1
+FLAG_ACK = 0x2
+
+_KNOWN_FLAGS = {
+    FrameType.HEADERS: FLAG_END_STREAM,
+    FrameType.DATA: FLAG_END_STREAM,
+    FrameType.PING: FLAG_ACK,
+}
+_STREAM_ZERO_ONLY = {
+    FrameType.HELLO,
+    FrameType.WELCOME,
+    FrameType.PING,
+    FrameType.GOAWAY,
+    FrameType.STATUS,
+}
+_STREAM_REQUIRED = {FrameType.HEADERS, FrameType.DATA, FrameType.RESET}
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: FrameType
+    flags: int
+    stream_id: int
+    payload: bytes
+
+    @property
+    def end_stream(self) -> bool:
+        return bool(self.flags & FLAG_END_STREAM)
+
+
+def encode_frame(ftype: FrameType, stream_id: int, payload: bytes = b"", flags: int = 0) -> bytes:
+    return HEADER.pack(ftype, flags, stream_id, len(payload)) + payload
+
+
+class FrameDecoder:
+    """Turns a byte stream into frames, validating each header as soon as it is
+    complete, so that a lying length never makes it buffer more than
+    `HEADER_SIZE + max_frame_size` bytes."""
+
+    def __init__(self, max_frame_size: int) -> None:
+        self.max_frame_size = max_frame_size
+        self._buffer = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        if self._buffer:
+            self._buffer += data
+            view = bytes(self._buffer)
+        else:
+            view = data
+        frames: list[Frame] = []
+        pos = 0
+        end = len(view)
+        while end - pos >= HEADER_SIZE:
+            ftype, flags, stream_id, length = HEADER.unpack_from(view, pos)
+            frame_type = self._check_header(ftype, flags, stream_id, length)
+            if end - pos - HEADER_SIZE < length:
+                break
+            start = pos + HEADER_SIZE
+            frames.append(Frame(frame_type, flags, stream_id, view[start : start + length]))
+            pos = start + length
+        self._buffer = bytearray(view[pos:]) if pos < end else bytearray()
+        return frames
+
+    def _check_header(self, ftype: int, flags: int, stream_id: int, length: int) -> FrameType:
+        try:
+            frame_type = FrameType(ftype)
+        except ValueError:
+            raise ProtocolError(f"unknown frame type {ftype}") from None
+        if length > self.max_frame_size:
+            raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_frame_size}")
+        if flags & ~_KNOWN_FLAGS.get(frame_type, 0):
+            raise ProtocolError(f"unknown flags 0x{flags:02x} on {frame_type.name}")
+        if stream_id > MAX_STREAM_ID:
+            raise ProtocolError("stream id out of range")
+        if frame_type in _STREAM_ZERO_ONLY and stream_id != 0:
+            raise ProtocolError(f"{frame_type.name} must be sent on stream 0")
+        if frame_type in _STREAM_REQUIRED and stream_id == 0:
+            raise ProtocolError(f"{frame_type.name} must not be sent on stream 0")
+        return frame_type
+
+
+# --- heads -----------------------------------------------------------------
+
+Headers = tuple[tuple[str, str], ...]
+
+_TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_FORBIDDEN_VALUE_BYTES = frozenset(b"\r\n\x00")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    method: str
+    target: str  # origin-form only: "/path?query"
+    headers: Headers = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    status: int
+    headers: Headers = ()
+
+
+def _is_token(value: bytes) -> bool:
+    return bool(value) and all(c in _TOKEN_CHARS for c in value)
+
+
+def encode_fields(fields: list[bytes]) -> bytes:
+    out = [struct.pack("!H", len(fields))]
+    for f in fields:
+        out.append(struct.pack("!H", len(f)))
+        out.append(f)
+    return b"".join(out)
+
+
+def decode_fields(block: bytes, max_fields: int) -> list[bytes]:
+    if len(block) < 2:
+        raise ProtocolError("truncated header block")
+    (count,) = struct.unpack_from("!H", block, 0)
+    if count > max_fields:
+        raise ProtocolError(f"header block has {count} fields, limit {max_fields}")
+    pos = 2
+    fields: list[bytes] = []
+    for _ in range(count):
+        if pos + 2 > len(block):
+            raise ProtocolError("truncated header block")
+        (flen,) = struct.unpack_from("!H", block, pos)
+        pos += 2
+        if pos + flen > len(block):
+            raise ProtocolError("truncated header block")
+        fields.append(block[pos : pos + flen])
+        pos += flen
+    if pos != len(block):
+        raise ProtocolError("trailing bytes after header block")
+    return fields
+
+
+def _encode_headers(headers: Headers) -> list[bytes]:
+    out: list[bytes] = []
+    for name, value in headers:
+        out.append(name.encode("latin-1"))
+        out.append(value.encode("latin-1"))
+    return out
+
+
+def _decode_headers(fields: list[bytes]) -> Headers:
+    if len(fields) % 2:
+        raise ProtocolError("header name without value")
+    pairs = []
+    for i in range(0, len(fields), 2):
+        name, value = fields[i], fields[i + 1]
+        if not _is_token(name):
+            raise ProtocolError("invalid header name")
+        if _FORBIDDEN_VALUE_BYTES.intersection(value):
+            raise ProtocolError("invalid byte in header value")
+        pairs.append((name.decode("latin-1"), value.decode("latin-1")))
+    return tuple(pairs)
+
+
+def encode_request_head(head: RequestHead) -> bytes:
+    return encode_fields([head.method.encode("ascii"), head.target.encode("latin-1")] + _encode_headers(head.headers))
+
+
+def decode_request_head(block: bytes, max_fields: int) -> RequestHead:
+    fields = decode_fields(block, max_fields)
+    if len(fields) < 2:
+        raise ProtocolError("request head without method and target")
+    method, target = fields[0], fields[1]
+    if not _is_token(method):
+        raise ProtocolError("invalid request method")
+    # Only origin-form targets: the agent must never be steered to another host.
+    if not target.startswith(b"/") or target.startswith(b"//"):
+        raise ProtocolError("request target must be in origin form")
+    if any(c <= 0x20 or c == 0x7F for c in target):
+        raise ProtocolError("invalid byte in request target")
+    return RequestHead(method.decode("ascii"), target.decode("latin-1"), _decode_headers(fields[2:]))
+
+
+def encode_response_head(head: ResponseHead) -> bytes:
+    return encode_fields([str(head.status).encode("ascii")] + _encode_headers(head.headers))
+
+
+def decode_response_head(block: bytes, max_fields: int) -> ResponseHead:
+    fields = decode_fields(block, max_fields)
+    if not fields:
+        raise ProtocolError("response head without status")
+    raw = fields[0]
+    if len(raw) != 3 or not raw.isdigit() or not 100 <= int(raw) <= 599:
+        raise ProtocolError("invalid response status")
+    return ResponseHead(int(raw), _decode_headers(fields[1:]))

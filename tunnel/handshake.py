@@ -1,0 +1,188 @@
+"""Handshake and status messages carried as JSON on stream 0: what the agent
+announces (HELLO), what the edge answers (WELCOME), how the agent reports health."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ProtocolError
+
+PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+MAX_LABELS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSettings:
+    """What one side will accept; the other side must stay within it.
+
+    - `max_frame_size`: largest frame payload, bounds one decode buffer.
+    - `max_header_fields`: fields (names + values) in a head.
+    - `max_streams`: streams open at once (enforced by the agent).
+    - `stream_window`: bytes of body the peer may send on one stream before
+      waiting for a WINDOW_UPDATE: bounds memory per stream.
+    - `connection_window`: the same across all streams: bounds memory per tunnel.
+    """
+
+    max_frame_size: int = 64 * 1024
+    max_header_fields: int = 256
+    max_streams: int = 1024
+    stream_window: int = 1024 * 1024
+    connection_window: int = 16 * 1024 * 1024
+
+    def to_json(self) -> dict[str, int]:
+        return {
+            "max_frame_size": self.max_frame_size,
+            "max_header_fields": self.max_header_fields,
+            "max_streams": self.max_streams,
+            "stream_window": self.stream_window,
+            "connection_window": self.connection_window,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> PeerSettings:
+        if not isinstance(obj, dict):
+            raise ProtocolError("settings must be an object")
+        bounds = {
+            "max_frame_size": (1024, 16 * 1024 * 1024),
+            "max_header_fields": (2, 4096),
+            "max_streams": (1, 1_000_000),
+            "stream_window": (1024, 2**31 - 1),
+            "connection_window": (1024, 2**31 - 1),
+        }
+        values: dict[str, int] = {}
+        for key, (lo, hi) in bounds.items():
+            v = obj.get(key, getattr(cls, key))
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise ProtocolError(f"setting {key} out of range")
+            values[key] = v
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    agent_id: str
+    pool: str = "default"
+    capacity: int = 1
+    software: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    versions: tuple[int, ...] = PROTOCOL_VERSIONS
+    settings: PeerSettings = field(default_factory=PeerSettings)
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {
+                "versions": list(self.versions),
+                "agent_id": self.agent_id,
+                "pool": self.pool,
+                "capacity": self.capacity,
+                "software": self.software,
+                "labels": self.labels,
+                "settings": self.settings.to_json(),
+            }
+        ).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Hello:
+        obj = _load(payload, "HELLO")
+        versions = obj.get("versions")
+        if (
+            not isinstance(versions, list)
+            or not versions
+            or len(versions) > 16
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in versions)
+        ):
+            raise ProtocolError("HELLO versions must be a list of integers")
+        agent_id = _name(obj.get("agent_id"), "agent_id")
+        pool = _name(obj.get("pool", "default"), "pool")
+        capacity = obj.get("capacity", 1)
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or not 1 <= capacity <= 100_000:
+            raise ProtocolError("HELLO capacity must be an integer in 1..100000")
+        software = obj.get("software", "")
+        if not isinstance(software, str) or len(software) > 256:
+            raise ProtocolError("HELLO software must be a short string")
+        labels = obj.get("labels", {})
+        if (
+            not isinstance(labels, dict)
+            or len(labels) > MAX_LABELS
+            or not all(isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 256 for k, v in labels.items())
+        ):
+            raise ProtocolError("HELLO labels must be a small string map")
+        settings = PeerSettings.from_json(obj.get("settings", {}))
+        return cls(agent_id, pool, capacity, software, dict(labels), tuple(versions), settings)
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    version: int
+    session_id: str
+    heartbeat_interval: float = 1.0
+    settings: PeerSettings = field(default_factory=PeerSettings)
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {
+                "version": self.version,
+                "session_id": self.session_id,
+                "heartbeat_interval": self.heartbeat_interval,
+                "settings": self.settings.to_json(),
+            }
+        ).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Welcome:
+        obj = _load(payload, "WELCOME")
+        version = obj.get("version")
+        if version not in PROTOCOL_VERSIONS:
+            raise ProtocolError(f"edge chose unsupported protocol version {version!r}")
+        session_id = obj.get("session_id", "")
+        if not isinstance(session_id, str) or len(session_id) > 128:
+            raise ProtocolError("WELCOME session_id must be a short string")
+        interval = obj.get("heartbeat_interval", 1.0)
+        if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not 0.01 <= interval <= 3600:
+            raise ProtocolError("WELCOME heartbeat_interval out of range")
+        return cls(int(version), session_id, float(interval), PeerSettings.from_json(obj.get("settings", {})))
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    """The agent's own view of its upstream, sent whenever it changes."""
+
+    healthy: bool
+    detail: str = ""
+
+    def encode(self) -> bytes:
+        return json.dumps({"healthy": self.healthy, "detail": self.detail}).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> WorkerStatus:
+        obj = _load(payload, "STATUS")
+        healthy = obj.get("healthy")
+        detail = obj.get("detail", "")
+        if not isinstance(healthy, bool) or not isinstance(detail, str) or len(detail) > 1024:
+            raise ProtocolError("STATUS must carry a boolean 'healthy' and a short 'detail'")
+        return cls(healthy, detail)
+
+
+def choose_version(offered: tuple[int, ...]) -> int | None:
+    common = set(offered) & set(PROTOCOL_VERSIONS)
+    return max(common) if common else None
+
+
+def _load(payload: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError(f"{what} payload is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{what} payload must be a JSON object")
+    return obj
+
+
+def _name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ProtocolError(f"HELLO {what} must match {_NAME.pattern}")
+    return value
