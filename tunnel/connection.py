@@ -258,8 +258,10 @@ class Connection:
 
     # ------------------------------------------------------------- liveness
     def ping(self, timestamp: int) -> None:
-        """Send a heartbeat carrying an opaque timestamp (e.g. monotonic ns)."""
-        if self.state is not State.CLOSED:
+        """Send a heartbeat carrying an opaque timestamp (e.g. monotonic ns).
+        Before the handshake completes nothing but HELLO/WELCOME may be sent,
+        so it is skipped then."""
+        if self.state in (State.OPEN, State.CLOSING):
             self._emit(FrameType.PING, 0, _U64.pack(timestamp & 0xFFFFFFFFFFFFFFFF))
 
     def send_status(self, status: WorkerStatus) -> None:

@@ -1,0 +1,44 @@
+"""Settings of the edge proxy, with their documented defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tunnel import PeerSettings
+
+from .health import HealthPolicy
+
+
+@dataclass(slots=True)
+class EdgeConfig:
+    host: str = "0.0.0.0"
+    port: int = 8443
+    cert: str | None = None
+    key: str | None = None
+    client_keys: str | None = None
+    worker_tokens: str | None = None
+    worker_ca: str | None = None  # optional mTLS for agents
+    require_worker_cert: bool = False
+    # Limits
+    max_body: int = 64 * 1024 * 1024  # request body bytes -> 413 beyond
+    buffer_response: int = 1024 * 1024  # responses up to this size are buffered, so Server-Timing can carry `edge`
+    replay_buffer: int = 1024 * 1024  # request bytes kept to retry a refused request on another worker
+    # Admission
+    queue_timeout: float = 5.0  # longest wait for a free worker slot -> 503
+    max_queue: int = 1000  # waiting requests per pool -> 503 beyond
+    # Timeouts
+    upstream_timeout: float = 60.0  # request sent -> response head -> 504
+    idle_timeout: float = 60.0  # no response byte for this long -> 504 / abort
+    handshake_timeout: float = 5.0
+    # Liveness
+    heartbeat_interval: float = 1.0
+    dead_after: float = 3.0  # a tunnel silent this long is declared dead
+    health: HealthPolicy = field(default_factory=HealthPolicy)
+    health_path: str = "/healthz"
+    # Rate limits (per client key); 0 disables
+    rate_limit: float = 1000.0
+    rate_burst: float = 2000.0
+    auth_failures_per_minute: float = 60.0  # per client address, then 429
+    # Shutdown
+    grace: float = 10.0
+    tunnel_settings: PeerSettings = field(default_factory=PeerSettings)

@@ -1,0 +1,51 @@
+"""Prometheus metrics of the edge, on a registry of its own so that several
+edges (tests) can live in one process."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class EdgeMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("edge_requests", "Proxied requests by pool and status", ["pool", "status"], registry=r)
+        self.duration = Histogram("edge_request_duration_seconds", "Request received -> response finished",
+                                  ["pool"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("edge_queue_wait_seconds", "Wait for a worker slot (lb)", ["pool"],
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.retries = Counter("edge_retries", "Requests retried on another worker", ["pool"], registry=r)
+        self.ejections = Counter("edge_ejections", "Workers ejected by outlier detection", ["pool"], registry=r)
+        self.rejections = Counter("edge_rejections", "Requests refused at the edge", ["reason"], registry=r)
+        self.tunnel_rtt = Gauge("edge_tunnel_rtt_seconds", "Smoothed tunnel RTT from heartbeats", ["worker", "pool"],
+                                registry=r)
+        self.workers = Gauge("edge_workers", "Connected workers by pool and health", ["pool", "state"], registry=r)
+        self.outstanding = Gauge("edge_outstanding_requests", "Requests in flight to workers", ["pool"], registry=r)
+        self.waiting = Gauge("edge_waiting_requests", "Requests queued for a worker slot", ["pool"], registry=r)
+
+    def render(self, reg: Registry) -> bytes:
+        """Refresh the gauges that describe current state, then serialise."""
+        now = time.monotonic()
+        self.workers.clear()
+        self.tunnel_rtt.clear()
+        for pool in reg.pools.values():
+            states: dict[str, int] = {}
+            for w in pool.workers:
+                st = w.health.state(now) if w.live_session() else "disconnected"
+                states[st] = states.get(st, 0) + 1
+                rtt = w.rtt()
+                if rtt is not None:
+                    self.tunnel_rtt.labels(w.agent_id, pool.name).set(rtt)
+            for st, n in states.items():
+                self.workers.labels(pool.name, st).set(n)
+            self.outstanding.labels(pool.name).set(sum(w.in_flight for w in pool.workers))
+            self.waiting.labels(pool.name).set(len(pool.waiters))
+        return generate_latest(self.registry)

@@ -1,0 +1,328 @@
+"""Proxying one client request through a worker tunnel: pool choice, slot
+admission, the request head the worker sees, streaming both bodies under
+flow control, timeouts, one safe retry, and the Server-Timing entries
+`lb`, `tunnel` and `edge`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from tunnel import ErrorCode, RequestHead
+from tunnel.aio import StreamChannel, StreamError, TunnelIO
+from tunnel.headers import end_to_end, merge_server_timing, timing_entry
+
+from .errors import error_response
+from .registry import NoWorkerAvailable
+
+if TYPE_CHECKING:
+    from .app import EdgeState
+    from .session import EdgeSession
+
+log = logging.getLogger(__name__)
+
+POOL_PREFIX = re.compile(r"^/pools/([A-Za-z0-9][A-Za-z0-9._:-]{0,127})(/.*)?$")
+CHUNK = 64 * 1024
+# Headers the edge owns: whatever a client sends under these names is dropped
+# and, where it applies, set by the edge itself.
+EDGE_OWNED = frozenset(
+    {
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "forwarded",
+        "x-real-ip",
+        "authorization",  # client credentials never travel to workers
+        "x-api-key",
+        "x-edge-health-check",
+        "host",
+        "content-length",
+    }
+)
+RESPONSE_DROP = frozenset({"content-length", "server-timing", "date", "server"})
+NO_BODY_STATUSES = {204, 304}
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class RetryElsewhere(Exception):
+    """The worker never processed the request: safe to try another."""
+
+
+def resolve_pool(request: web.Request) -> tuple[str, str]:
+    """(pool name, target path for the worker) from `/pools/<name>/...` or `X-Pool`."""
+    raw = request.raw_path
+    m = POOL_PREFIX.match(raw.split("?", 1)[0])
+    if m:
+        rest = m.group(2) or "/"
+        query = raw[len(raw.split("?", 1)[0]) :]
+        return m.group(1), rest + query
+    return request.headers.get("X-Pool", "default"), raw
+
+
+class RequestBody:
+    """The client's body, read once, with the first `replay_limit` bytes kept so
+    that a request refused by a worker can be replayed to another."""
+
+    def __init__(self, request: web.Request, max_body: int, replay_limit: int) -> None:
+        self.request = request
+        self.max_body = max_body
+        self.replay_limit = replay_limit
+        self.kept: list[bytes] = []
+        self.read = 0
+        self.replayable = True
+        self.finished = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for c in self.kept:
+            yield c
+        while not self.finished:
+            chunk = await self.request.content.readany()
+            if not chunk:
+                self.finished = True
+                return
+            self.read += len(chunk)
+            if self.read > self.max_body:
+                raise BodyTooLarge()
+            if self.replayable:
+                if self.read <= self.replay_limit:
+                    self.kept.append(chunk)
+                else:
+                    self.replayable = False
+                    self.kept.clear()
+            yield chunk
+
+
+def request_head(request: web.Request, target: str, request_id: str) -> RequestHead:
+    headers = end_to_end(request.headers.items(), EDGE_OWNED)
+    host = request.headers.get("Host", "")
+    headers.append(("Host", host))
+    headers.append(("X-Forwarded-For", request.remote or ""))
+    headers.append(("X-Forwarded-Proto", request.scheme))
+    if host:
+        headers.append(("X-Forwarded-Host", host))
+    headers = [(n, v) for n, v in headers if n.lower() != "x-request-id"]
+    headers.append(("X-Request-ID", request_id))
+    if request.content_length is not None:
+        headers.append(("Content-Length", str(request.content_length)))
+    elif request.body_exists:
+        headers.append(("Transfer-Encoding", "chunked"))
+    return RequestHead(request.method, target, tuple(headers))
+
+
+async def handle(state: EdgeState, request: web.Request, pool_name: str, target: str, request_id: str,
+                 started: float) -> web.StreamResponse:
+    cfg = state.config
+    reg = state.registry
+    if pool_name not in reg.pools:
+        known = ", ".join(reg.pool_names()) or "none"
+        return error_response(404, "unknown_pool", f"no pool named {pool_name!r}; known pools: {known}", request_id)
+    if request.content_length is not None and request.content_length > cfg.max_body:
+        state.metrics.rejections.labels("body_too_large").inc()
+        return error_response(413, "body_too_large", f"request body of {request.content_length} bytes exceeds the "
+                              f"limit of {cfg.max_body}", request_id, close=True)
+    head = request_head(request, target, request_id)
+    has_body = request.body_exists
+    body = RequestBody(request, cfg.max_body, cfg.replay_buffer)
+    attempt = 0
+    while True:
+        t_lb = time.monotonic()
+        try:
+            lease = await reg.acquire(pool_name, cfg.queue_timeout)
+        except NoWorkerAvailable as exc:
+            state.metrics.rejections.labels("no_worker").inc()
+            return error_response(503, "no_worker", str(exc), request_id,
+                                  headers={"Retry-After": str(max(1, round(exc.retry_after)))})
+        lb = time.monotonic() - t_lb
+        state.metrics.queue_wait.labels(pool_name).observe(lb)
+        session = lease.worker.live_session()
+        ok: bool | None = None
+        latency: float | None = None
+        try:
+            if session is None:
+                raise RetryElsewhere()
+            resp, ok, latency = await _exchange(state, request, session, head, has_body, body, lb, started)
+            return resp
+        except RetryElsewhere:
+            if attempt == 0 and (not has_body or body.replayable):
+                attempt += 1
+                state.metrics.retries.labels(pool_name).inc()
+                continue
+            return error_response(502, "worker_unavailable", "the worker refused the request and it could "
+                                  "not be retried", request_id)
+        finally:
+            lease.release(ok, latency)
+
+
+async def _exchange(state: EdgeState, request: web.Request, session: EdgeSession, head: RequestHead, has_body: bool,
+                    body: RequestBody, lb: float, started: float) -> tuple[web.StreamResponse, bool | None, float | None]:
+    """One attempt on one worker. Returns (response, ok for outlier detection, latency sample)."""
+    cfg = state.config
+    request_id = dict(head.headers)["X-Request-ID"]
+    worker_id = session.worker.agent_id if session.worker else "?"
+    try:
+        ch = session.open_stream(head, end_stream=not has_body)
+    except StreamError:
+        raise RetryElsewhere() from None
+    t_sent = time.monotonic()
+    io = session.io
+    pump = asyncio.create_task(_pump_body(io, ch, body)) if has_body else None
+    try:
+        try:
+            rhead = await _await_head(ch, pump, cfg.upstream_timeout)
+        except StreamError as exc:
+            replayable = not has_body or body.replayable
+            # Refused streams never reached the upstream; a lost tunnel may
+            # have, so only idempotent requests are retried after one.
+            lost = io.closed.is_set() and request.method in IDEMPOTENT
+            if replayable and (exc.retryable or lost):
+                raise RetryElsewhere() from None
+            log.warning("request %s to worker %s failed: %s", request_id, worker_id, exc)
+            return error_response(502, "worker_failed", f"worker {worker_id} failed: {exc}", request_id), False, None
+        except TimeoutError:
+            io.reset(ch.stream_id, ErrorCode.CANCEL, "upstream timeout")
+            return error_response(504, "upstream_timeout", f"worker {worker_id} sent no response within "
+                                  f"{cfg.upstream_timeout:g} s", request_id), False, None
+        except BodyTooLarge:
+            io.reset(ch.stream_id, ErrorCode.CANCEL, "request body too large")
+            state.metrics.rejections.labels("body_too_large").inc()
+            return error_response(413, "body_too_large", f"request body exceeds the limit of {cfg.max_body} bytes",
+                                  request_id, close=True), None, None
+        tunnel = time.monotonic() - t_sent
+        ok = rhead.status < 500
+        worker_timing = [v for n, v in rhead.headers if n.lower() == "server-timing"]
+        headers = end_to_end(rhead.headers, RESPONSE_DROP)
+        content_length = _content_length(rhead.headers)
+        rtt = session.rtt
+        extra = [timing_entry("lb", lb), timing_entry("tunnel", tunnel)]
+        if rtt is not None:
+            extra.append(timing_entry("tunnel_rtt", rtt))
+        expects_body = request.method != "HEAD" and rhead.status not in NO_BODY_STATUSES and rhead.status >= 200
+        if not expects_body or (content_length is not None and content_length <= cfg.buffer_response):
+            try:
+                data = await _read_all(io, ch, cfg.idle_timeout, content_length if expects_body else 0)
+            except (StreamError, TimeoutError) as exc:
+                io.reset(ch.stream_id, ErrorCode.CANCEL, "response broke off")
+                log.warning("request %s: response from worker %s broke off: %s", request_id, worker_id,
+                            exc or "timeout")
+                return error_response(502, "worker_failed", f"the response from worker {worker_id} broke off",
+                                      request_id), False, None
+            io.release(ch.stream_id)
+            extra.append(timing_entry("edge", time.monotonic() - started))
+            resp = web.Response(status=rhead.status, body=data, headers=_multidict(headers))
+            resp.headers["Server-Timing"] = merge_server_timing(worker_timing, *extra)
+            if request.method == "HEAD" and content_length is not None:
+                resp.headers["Content-Length"] = str(content_length)
+            _finish_pump(pump)
+            return resp, ok, tunnel
+        # Streamed: SSE, chunked or large bodies are flushed as they arrive.
+        extra.append(timing_entry("edge", time.monotonic() - started))
+        sresp = web.StreamResponse(status=rhead.status, headers=_multidict(headers))
+        sresp.headers["Server-Timing"] = merge_server_timing(worker_timing, *extra)
+        if content_length is not None:
+            sresp.content_length = content_length
+        await sresp.prepare(request)
+        try:
+            while True:
+                chunk = await asyncio.wait_for(ch.read(), cfg.idle_timeout)
+                if chunk is None:
+                    break
+                await sresp.write(chunk)
+                io.acknowledge(ch, len(chunk))
+        except (StreamError, TimeoutError) as exc:
+            # Headers are gone already: the only honest signal left is to
+            # cut the connection so the client sees a truncated response.
+            log.warning("request %s: response from worker %s broke off: %s", request_id, worker_id, exc or "timeout")
+            io.reset(ch.stream_id, ErrorCode.CANCEL, "response broke off")
+            if request.transport is not None:
+                request.transport.abort()
+            return sresp, False, None
+        io.release(ch.stream_id)
+        await sresp.write_eof()
+        _finish_pump(pump)
+        return sresp, ok, tunnel
+    except asyncio.CancelledError:
+        # The client went away: cancel the stream so the worker cancels the upstream request.
+        io.reset(ch.stream_id, ErrorCode.CANCEL, "client disconnected")
+        raise
+    finally:
+        if pump is not None and not pump.done():
+            pump.cancel()
+            if ch.stream_id in io.channels or io.conn.is_open(ch.stream_id):
+                io.reset(ch.stream_id, ErrorCode.CANCEL, "request abandoned")
+
+
+def _finish_pump(pump: asyncio.Task[None] | None) -> None:
+    # The worker answered before reading the whole body (e.g. an early error):
+    # stop uploading; the finally clause resets the stream.
+    if pump is not None and not pump.done():
+        pump.cancel()
+
+
+async def _pump_body(io: TunnelIO, ch: StreamChannel, body: RequestBody) -> None:
+    async for chunk in body.chunks():
+        await io.send_body(ch, chunk)
+    await io.send_body(ch, b"", end_stream=True)
+
+
+async def _await_head(ch: StreamChannel, pump: asyncio.Task[None] | None, timeout: float):  # type: ignore[no-untyped-def]
+    """Wait for the response head while watching the body upload for errors."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    waits: set[asyncio.Future[object]] = {ch.head}  # type: ignore[arg-type]
+    if pump is not None:
+        waits.add(pump)  # type: ignore[arg-type]
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise TimeoutError()
+        done, _ = await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        if ch.head in done:
+            return ch.head.result()
+        if pump is not None and pump in done:
+            exc = pump.exception()
+            if isinstance(exc, BodyTooLarge):
+                raise exc
+            if exc is not None and not isinstance(exc, StreamError):
+                # Reading the client's body failed: the client is gone.
+                raise asyncio.CancelledError()
+            waits.discard(pump)  # type: ignore[arg-type]
+        if not done:
+            raise TimeoutError()
+
+
+async def _read_all(io: TunnelIO, ch: StreamChannel, idle: float, limit: int) -> bytes:
+    parts = []
+    size = 0
+    while (chunk := await asyncio.wait_for(ch.read(), idle)) is not None:
+        parts.append(chunk)
+        size += len(chunk)
+        io.acknowledge(ch, len(chunk))
+        if size > (limit or 0):
+            raise StreamError("response longer than its Content-Length")
+    return b"".join(parts)
+
+
+def _content_length(headers: tuple[tuple[str, str], ...]) -> int | None:
+    for n, v in headers:
+        if n.lower() == "content-length":
+            try:
+                return int(v)
+            except ValueError:
+                return None
+    return None
+
+
+def _multidict(headers: list[tuple[str, str]]) -> CIMultiDict[str]:
+    return CIMultiDict(headers)

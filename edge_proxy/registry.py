@@ -1,0 +1,223 @@
+"""Which workers are connected, in which pool, how busy and how healthy, and
+the admission of requests to them: a slot per unit of advertised capacity,
+a bounded FIFO wait with a deadline when every slot is taken."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from . import balancer
+from .balancer import Ewma
+from .health import HealthPolicy, WorkerHealth
+
+if TYPE_CHECKING:
+    from .session import EdgeSession
+
+
+class NoWorkerAvailable(Exception):
+    """No worker could take the request; `retry_after` is a hint in seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UnknownPool(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class Worker:
+    agent_id: str
+    pool: str
+    capacity: int
+    health: WorkerHealth
+    token_name: str = ""
+    software: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    sessions: dict[str, EdgeSession] = field(default_factory=dict)  # tunnel index -> session
+    in_flight: int = 0
+    served: int = 0
+    errors: int = 0
+    latency: Ewma = field(default_factory=Ewma)
+    connected_at: float = field(default_factory=time.time)
+
+    @property
+    def ewma_latency(self) -> float:
+        return self.latency.value
+
+    def live_session(self) -> EdgeSession | None:
+        best = None
+        for s in self.sessions.values():
+            if s.accepting and (best is None or s.open_streams < best.open_streams):
+                best = s
+        return best
+
+    def available(self, now: float) -> bool:
+        return self.live_session() is not None and self.health.is_available(now)
+
+    def rtt(self) -> float | None:
+        rtts = [s.rtt for s in self.sessions.values() if s.rtt is not None]
+        return min(rtts) if rtts else None
+
+
+@dataclass(eq=False)
+class Lease:
+    """A slot on a worker, held for one request; `release()` exactly once."""
+
+    worker: Worker
+    registry: Registry
+    released: bool = False
+
+    def release(self, ok: bool | None = None, latency: float | None = None) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.registry.release(self, ok, latency)
+
+
+class Pool:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.workers: list[Worker] = []
+        self.waiters: deque[asyncio.Future[Lease]] = deque()
+
+
+class Registry:
+    def __init__(
+        self,
+        policy: HealthPolicy | None = None,
+        max_queue: int = 1000,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        on_ejection: Callable[[Worker], None] | None = None,
+    ) -> None:
+        self.policy = policy or HealthPolicy()
+        self.max_queue = max_queue
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.pools: dict[str, Pool] = {}
+        self.workers: dict[str, Worker] = {}
+        self.on_ejection = on_ejection
+
+    # ----------------------------------------------------------- membership
+    def attach(self, session: EdgeSession, agent_id: str, pool: str, capacity: int, tunnel: str, token_name: str,
+               software: str = "", labels: dict[str, str] | None = None) -> tuple[Worker, EdgeSession | None]:
+        """Add a session; returns the worker and the stale session it replaced (to close)."""
+        w = self.workers.get(agent_id)
+        if w is not None and w.pool != pool:
+            # Moving pools: detach from the old one entirely.
+            self._remove_worker(w)
+            w = None
+        if w is None:
+            w = Worker(agent_id, pool, capacity, WorkerHealth(self.policy), token_name, software, dict(labels or {}))
+            self.workers[agent_id] = w
+            self.pools.setdefault(pool, Pool(pool)).workers.append(w)
+        w.capacity = capacity
+        w.software = software
+        w.labels = dict(labels or {})
+        stale = w.sessions.get(tunnel)
+        w.sessions[tunnel] = session
+        self.wake(pool)
+        return w, stale
+
+    def detach(self, worker: Worker, tunnel: str, session: EdgeSession) -> None:
+        if worker.sessions.get(tunnel) is session:
+            del worker.sessions[tunnel]
+        if not worker.sessions and self.workers.get(worker.agent_id) is worker:
+            self._remove_worker(worker)
+
+    def _remove_worker(self, w: Worker) -> None:
+        self.workers.pop(w.agent_id, None)
+        pool = self.pools.get(w.pool)
+        if pool is not None and w in pool.workers:
+            pool.workers.remove(w)
+        # Waiters stay queued: another worker (or this one, reconnecting) may
+        # free a slot before their deadline.
+
+    def pool_names(self) -> list[str]:
+        return sorted(name for name, p in self.pools.items() if p.workers or name == "default")
+
+    # ------------------------------------------------------------ admission
+    def try_acquire(self, pool_name: str) -> Lease | None:
+        pool = self.pools.get(pool_name)
+        if pool is None:
+            return None
+        now = self.clock()
+        w = balancer.choose([w for w in pool.workers if w.available(now)], self.rng)
+        if w is None:
+            return None
+        w.in_flight += 1
+        return Lease(w, self)
+
+    async def acquire(self, pool_name: str, timeout: float) -> Lease:
+        """A slot on a worker of the pool, waiting in FIFO order up to `timeout`."""
+        pool = self.pools.get(pool_name)
+        if pool is None:
+            raise UnknownPool(pool_name)
+        now = self.clock()
+        if not any(w.available(now) for w in pool.workers):
+            raise NoWorkerAvailable(f"no healthy worker in pool {pool_name!r}", retry_after=1.0)
+        if not pool.waiters:  # never overtake someone already waiting
+            lease = self.try_acquire(pool_name)
+            if lease is not None:
+                return lease
+        if len(pool.waiters) >= self.max_queue or timeout <= 0:
+            raise NoWorkerAvailable(f"all workers of pool {pool_name!r} are at capacity", retry_after=max(1.0, timeout))
+        fut: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        pool.waiters.append(fut)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except BaseException as exc:
+            if fut.done() and not fut.cancelled():
+                fut.result().release()  # granted just as we gave up: hand it back
+            else:
+                fut.cancel()
+            try:
+                pool.waiters.remove(fut)
+            except ValueError:
+                pass
+            if isinstance(exc, TimeoutError):
+                raise NoWorkerAvailable(
+                    f"all workers of pool {pool_name!r} stayed at capacity for {timeout:g} s",
+                    retry_after=max(1.0, timeout),
+                ) from None
+            raise
+        return fut.result()
+
+    def release(self, lease: Lease, ok: bool | None, latency: float | None) -> None:
+        w = lease.worker
+        w.in_flight -= 1
+        now = self.clock()
+        if latency is not None:
+            w.latency.add(now, latency)
+        if ok is not None:
+            w.served += 1
+            if not ok:
+                w.errors += 1
+            if w.health.record_response(now, ok) and self.on_ejection is not None:
+                self.on_ejection(w)
+        self.wake(w.pool)
+
+    def wake(self, pool_name: str) -> None:
+        """Hand free slots to waiters, first come first served."""
+        pool = self.pools.get(pool_name)
+        if pool is None:
+            return
+        while pool.waiters:
+            waiter = pool.waiters[0]
+            if waiter.done():
+                pool.waiters.popleft()
+                continue
+            lease = self.try_acquire(pool_name)
+            if lease is None:
+                return
+            pool.waiters.popleft()
+            waiter.set_result(lease)
+

@@ -1,0 +1,229 @@
+"""The edge's end of one worker tunnel: the WebSocket handler that performs
+the handshake, registers the worker, runs the tunnel and its active health
+checks, and opens streams for the proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import WSMsgType, web
+
+from tunnel import (
+    PROTOCOL_VERSIONS,
+    Connection,
+    ErrorCode,
+    Event,
+    GoAwayReceived,
+    Heartbeat,
+    HelloReceived,
+    ProtocolError,
+    RequestHead,
+    Role,
+    StatusReceived,
+)
+from tunnel.aio import StreamChannel, StreamError, TunnelIO
+from tunnel.handshake import choose_version
+
+if TYPE_CHECKING:
+    from .app import EdgeState
+    from .registry import Worker
+
+log = logging.getLogger(__name__)
+
+
+class EdgeSession:
+    def __init__(self, state: EdgeState, request: web.Request, ws: web.WebSocketResponse, token_name: str) -> None:
+        self.state = state
+        self.request = request
+        self.ws = ws
+        self.token_name = token_name
+        cfg = state.config
+        self.conn = Connection(Role.EDGE, cfg.tunnel_settings)
+        self.io = TunnelIO(
+            self.conn,
+            ws.send_bytes,
+            self._on_event,
+            Heartbeat(cfg.heartbeat_interval, cfg.dead_after),
+            self._on_dead,
+        )
+        self.worker: Worker | None = None
+        self.tunnel_index = "0"
+        self.peer = request.remote or "?"
+        self._hello: asyncio.Future[HelloReceived] = asyncio.get_running_loop().create_future()
+        self._draining = False
+        self._check_task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ properties
+    @property
+    def accepting(self) -> bool:
+        return self.io.accepting and not self._draining
+
+    @property
+    def open_streams(self) -> int:
+        return len(self.io.channels)
+
+    @property
+    def rtt(self) -> float | None:
+        return self.io.heartbeat.srtt
+
+    # -------------------------------------------------------------- running
+    async def run(self) -> None:
+        cfg = self.state.config
+        self.io.start()
+        reader = asyncio.create_task(self._read_loop())
+        try:
+            hello = await asyncio.wait_for(asyncio.shield(self._hello), cfg.handshake_timeout)
+            if not self._admit(hello):
+                await self.io.drain_output()
+                return
+            self.io.flush()
+            self._check_task = asyncio.create_task(self._health_checks())
+            await reader
+        except TimeoutError:
+            log.warning("tunnel from %s: no HELLO within %.1f s; closing", self.peer, cfg.handshake_timeout)
+        finally:
+            reader.cancel()
+            if self._check_task:
+                self._check_task.cancel()
+            await self.io.close(self.io.close_reason or "tunnel closed", retryable=False)
+            if self.worker is not None:
+                self.state.registry.detach(self.worker, self.tunnel_index, self)
+                log.info("worker %s (pool %s) tunnel %s closed: %s", self.worker.agent_id, self.worker.pool,
+                         self.tunnel_index, self.io.close_reason)
+            await self.ws.close()
+
+    def _admit(self, ev: HelloReceived) -> bool:
+        hello = ev.hello
+        reg = self.state.registry
+        if choose_version(hello.versions) is None:
+            self.conn.reject(ErrorCode.VERSION_MISMATCH, f"edge speaks versions {list(PROTOCOL_VERSIONS)}")
+            return False
+        existing = reg.workers.get(hello.agent_id)
+        if existing is not None and existing.token_name != self.token_name:
+            log.warning("tunnel from %s claims agent id %r held by another credential; refused", self.peer, hello.agent_id)
+            self.conn.reject(ErrorCode.PROTOCOL_ERROR, "agent id is in use by another credential")
+            return False
+        self.tunnel_index = hello.labels.get("tunnel", "0")
+        self.conn.accept(self.state.config.heartbeat_interval)
+        worker, stale = reg.attach(self, hello.agent_id, hello.pool, hello.capacity, self.tunnel_index,
+                                   self.token_name, hello.software, hello.labels)
+        self.worker = worker
+        if stale is not None and stale is not self:
+            log.info("worker %s reconnected; replacing its stale tunnel", hello.agent_id)
+            stale.abort("replaced by a new tunnel from the same agent")
+        log.info("worker %s joined pool %s (capacity %d) from %s", hello.agent_id, hello.pool, hello.capacity, self.peer)
+        return True
+
+    async def _read_loop(self) -> None:
+        ws = self.ws
+        while True:
+            msg = await ws.receive()
+            if msg.type is WSMsgType.BINARY:
+                try:
+                    self.io.feed(msg.data)
+                except ProtocolError as exc:
+                    who = self.worker.agent_id if self.worker else self.peer
+                    log.warning("tunnel of %s sent a malformed frame (%s); closing that tunnel", who, exc)
+                    self.io.close_reason = f"protocol error: {exc}"
+                    await self.io.drain_output()
+                    return
+            elif msg.type is WSMsgType.TEXT:
+                self.io.close_reason = "text message on the tunnel"
+                return
+            else:  # CLOSE, CLOSING, CLOSED, ERROR
+                if not self.io.close_reason:
+                    self.io.close_reason = "connection closed by the agent"
+                return
+
+    def _on_event(self, ev: Event) -> None:
+        if isinstance(ev, HelloReceived):
+            if not self._hello.done():
+                self._hello.set_result(ev)
+        elif isinstance(ev, StatusReceived):
+            if self.worker is not None:
+                was = self.worker.health.agent_healthy
+                self.worker.health.record_agent_report(ev.status.healthy, ev.status.detail)
+                if was != ev.status.healthy:
+                    log.info("worker %s reports upstream %s %s", self.worker.agent_id,
+                             "healthy" if ev.status.healthy else "UNHEALTHY", ev.status.detail)
+                self.state.registry.wake(self.worker.pool)
+        elif isinstance(ev, GoAwayReceived):
+            self._draining = True
+            for sid, ch in list(self.io.channels.items()):
+                if sid > ev.last_stream_id:
+                    self.io.channels.pop(sid, None)
+                    ch.fail(StreamError("worker is draining", ErrorCode.REFUSED_STREAM, retryable=True))
+            if self.worker is not None:
+                log.info("worker %s is draining (%s)", self.worker.agent_id, ev.reason or ev.code.name)
+
+    def _on_dead(self, reason: str) -> None:
+        self.abort(reason)
+
+    def abort(self, reason: str) -> None:
+        """Close the tunnel at once (dead peer, replaced session)."""
+        if not self.io.close_reason:
+            self.io.close_reason = reason
+        if self.worker is not None:
+            log.warning("worker %s tunnel %s: %s", self.worker.agent_id, self.tunnel_index, reason)
+        asyncio.get_running_loop().create_task(self.io.close(reason))
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
+
+    def goaway(self, reason: str) -> None:
+        self._draining = True
+        self.conn.goaway(ErrorCode.NO_ERROR, reason)
+        self.io.flush()
+
+    # -------------------------------------------------------------- streams
+    def open_stream(self, head: RequestHead, end_stream: bool) -> StreamChannel:
+        """Send a request head on a new stream. Raises StreamError (retryable)
+        if the tunnel cannot take new streams."""
+        if not self.accepting:
+            raise StreamError("tunnel is not accepting streams", ErrorCode.REFUSED_STREAM, retryable=True)
+        try:
+            sid = self.conn.open_stream()
+        except Exception as exc:
+            raise StreamError(str(exc), ErrorCode.REFUSED_STREAM, retryable=True) from None
+        ch = self.io.register(sid)
+        self.conn.send_request(sid, head, end_stream)
+        self.io.flush()
+        return ch
+
+    async def _health_checks(self) -> None:
+        policy = self.state.config.health
+        path = self.state.config.health_path
+        clock = time.monotonic
+        while True:
+            w = self.worker
+            if w is not None and self.accepting:
+                ok, error = await self.check_once(path, policy.check_timeout)
+                before = w.health.checks_healthy
+                w.health.record_check(clock(), ok, error)
+                if before != w.health.checks_healthy:
+                    log.info("worker %s active check: %s %s", w.agent_id,
+                             "healthy" if w.health.checks_healthy else "UNHEALTHY", error)
+                    self.state.registry.wake(w.pool)
+            await asyncio.sleep(policy.check_interval)
+
+    async def check_once(self, path: str, timeout: float) -> tuple[bool, str]:
+        try:
+            ch = self.open_stream(RequestHead("GET", path, (("x-edge-health-check", "1"),)), end_stream=True)
+        except StreamError as exc:
+            return False, str(exc)
+        try:
+            head = await asyncio.wait_for(asyncio.shield(ch.head), timeout)
+            while (chunk := await asyncio.wait_for(ch.read(), timeout)) is not None:
+                self.io.acknowledge(ch, len(chunk))
+            self.io.release(ch.stream_id)
+            if 200 <= head.status < 300:
+                return True, ""
+            return False, f"{path} answered {head.status}"
+        except TimeoutError:
+            self.io.reset(ch.stream_id, ErrorCode.CANCEL, "health check timeout")
+            return False, f"{path} did not answer within {timeout:g} s"
+        except StreamError as exc:
+            return False, str(exc)

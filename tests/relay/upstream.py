@@ -1,0 +1,121 @@
+"""A small upstream for relay tests: echo, sizes, delays, hangs, SSE, a
+concurrency meter and a switchable /healthz. Run: python upstream.py PORT."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import sys
+
+from aiohttp import web
+
+state = {"in_flight": 0, "max_in_flight": 0, "served": 0, "healthy": True}
+sse_release = asyncio.Event()
+
+
+async def root(request: web.Request) -> web.Response:
+    state["served"] += 1
+    return web.Response(text=f"hello from {socket.gethostname()} pid {os.getpid()}\n"
+                             f"peer {request.remote}\nhost {request.headers.get('Host')}\n",
+                        headers={"X-Upstream-Pid": str(os.getpid())})
+
+
+async def echo(request: web.Request) -> web.Response:
+    body = await request.read()
+    state["served"] += 1
+    return web.Response(body=body, headers={"X-Sha256": hashlib.sha256(body).hexdigest(),
+                                            "X-Upstream-Pid": str(os.getpid()),
+                                            "X-Seen-Forwarded-For": request.headers.get("X-Forwarded-For", ""),
+                                            "X-Seen-Authorization": request.headers.get("Authorization", ""),
+                                            "X-Seen-Request-Id": request.headers.get("X-Request-ID", ""),
+                                            "Server-Timing": "app;dur=0.5"})
+
+
+async def size(request: web.Request) -> web.Response:
+    n = int(request.match_info["n"])
+    return web.Response(body=bytes(i % 251 for i in range(n)))
+
+
+async def work(request: web.Request) -> web.Response:
+    state["in_flight"] += 1
+    state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
+    try:
+        await asyncio.sleep(float(request.query.get("ms", "50")) / 1000)
+        await request.read()
+        state["served"] += 1
+        return web.Response(text=str(os.getpid()), headers={"X-Upstream-Pid": str(os.getpid())})
+    finally:
+        state["in_flight"] -= 1
+
+
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response({**state, "pid": os.getpid()})
+
+
+async def hang(request: web.Request) -> web.Response:
+    state["in_flight"] += 1
+    try:
+        await asyncio.sleep(3600)
+    finally:
+        state["in_flight"] -= 1
+    return web.Response()
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.Response(status=int(request.match_info["code"]), text="as asked")
+
+
+async def sse(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    await resp.write(b"data: first\n\n")
+    sse_release.clear()
+    await sse_release.wait()
+    await resp.write(b"data: second\n\n")
+    await resp.write_eof()
+    return resp
+
+
+async def release(request: web.Request) -> web.Response:
+    sse_release.set()
+    return web.Response(text="released")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(status=200 if state["healthy"] else 503, text="ok" if state["healthy"] else "down")
+
+
+async def set_health(request: web.Request) -> web.Response:
+    state["healthy"] = request.match_info["value"] == "up"
+    return web.Response(text="set")
+
+
+async def crash(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Length": "1000000"})
+    await resp.prepare(request)
+    await resp.write(b"x" * 1000)
+    os._exit(3)
+
+
+def make_app() -> web.Application:
+    app = web.Application(client_max_size=1 << 31)
+    app.router.add_get("/", root)
+    app.router.add_post("/echo", echo)
+    app.router.add_put("/echo", echo)
+    app.router.add_get("/bytes/{n}", size)
+    app.router.add_route("*", "/work", work)
+    app.router.add_get("/stats", stats)
+    app.router.add_get("/hang", hang)
+    app.router.add_get("/status/{code}", status)
+    app.router.add_get("/sse", sse)
+    app.router.add_get("/sse-release", release)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/set-health/{value}", set_health)
+    app.router.add_get("/crash", crash)
+    return app
+
+
+if __name__ == "__main__":
+    web.run_app(make_app(), host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)

@@ -1,0 +1,284 @@
+"""The asyncio shell around the sans-I/O `Connection`, shared by the edge and
+the agent: a writer task that coalesces frames into transport messages, one
+`StreamChannel` per stream, send-side flow control waits, heartbeats.
+
+This is the only module of `tunnel` that imports asyncio or reads a clock; the
+protocol core (frames, connection, handshake, heartbeat) stays sans-I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from .connection import Connection, State
+from .errors import ErrorCode, StreamClosedError
+from .events import (
+    DataReceived,
+    Event,
+    PongReceived,
+    ResponseReceived,
+    StreamReset,
+    WindowUpdated,
+)
+from .frames import ResponseHead
+from .heartbeat import Heartbeat
+
+log = logging.getLogger(__name__)
+
+
+class StreamError(Exception):
+    """A stream ended abnormally: reset by the peer, or the tunnel closed.
+
+    `retryable` is true when the peer guarantees it did not process the
+    request at all (REFUSED_STREAM, or a stream above a GOAWAY's last id).
+    """
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.CANCEL, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retryable = retryable
+
+
+class StreamChannel:
+    """One stream as seen by application code: the response head (edge side),
+    a queue of body chunks ending with None, and a send-window signal."""
+
+    __slots__ = ("stream_id", "head", "body", "window", "error", "ended", "outbound")
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+        self.head: asyncio.Future[ResponseHead] = asyncio.get_running_loop().create_future()
+        self.body: asyncio.Queue[bytes | None | StreamError] = asyncio.Queue()
+        self.window = asyncio.Event()
+        self.error: StreamError | None = None
+        self.ended = False  # the peer's END was read by the application
+        self.outbound = 0  # request bytes handed to the tunnel
+
+    def fail(self, error: StreamError) -> None:
+        if self.error is not None:
+            return
+        self.error = error
+        if not self.head.done():
+            self.head.set_exception(error)
+            self.head.exception()  # mark retrieved: nobody may await it
+        self.body.put_nowait(error)
+        self.window.set()
+
+    async def read(self) -> bytes | None:
+        """The next body chunk, or None at the end. Raises StreamError."""
+        if self.ended:
+            return None
+        item = await self.body.get()
+        if isinstance(item, StreamError):
+            self.body.put_nowait(item)  # later readers see it too
+            raise item
+        if item is None:
+            self.ended = True
+        return item
+
+
+class TunnelIO:
+    """Runs one `Connection` over a message transport.
+
+    The owner feeds every received message to `feed()` and calls `close()`
+    when the transport ends. `send` must send one binary message.
+    Events that concern only the owner (requests, hello, status, goaway)
+    go to `on_event`; stream-level ones are handled here.
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        send: Callable[[bytes], Awaitable[None]],
+        on_event: Callable[[Event], None],
+        heartbeat: Heartbeat,
+        on_dead: Callable[[str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.conn = conn
+        self._send = send
+        self._on_event = on_event
+        self._on_dead = on_dead
+        self.heartbeat = heartbeat
+        self.clock = clock
+        self.channels: dict[int, StreamChannel] = {}
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.closed = asyncio.Event()
+        self.close_reason = ""
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self.heartbeat.start(self.clock())
+        self._tasks = [
+            asyncio.create_task(self._writer(), name="tunnel-writer"),
+            asyncio.create_task(self._heartbeats(), name="tunnel-heartbeat"),
+        ]
+
+    async def close(self, reason: str, retryable: bool = False) -> None:
+        """Fail every open stream and stop the tasks. Idempotent."""
+        if self.closed.is_set():
+            return
+        self.close_reason = reason
+        self.closed.set()
+        self.conn.close()
+        err = StreamError(f"tunnel closed: {reason}", ErrorCode.CANCEL, retryable)
+        for ch in self.channels.values():
+            ch.fail(err)
+        self.channels.clear()
+        current = asyncio.current_task()
+        for t in self._tasks:
+            if t is not current:
+                t.cancel()
+        for t in self._tasks:
+            if t is not current:
+                try:
+                    await t
+                except (asyncio.CancelledError, Exception):
+                    pass
+
+    async def drain_output(self) -> None:
+        """Send whatever is queued (used before closing, e.g. a GOAWAY)."""
+        data = self.conn.data_to_send()
+        if data:
+            try:
+                await self._send(data)
+            except Exception:  # the transport is going away anyway
+                pass
+
+    # --------------------------------------------------------------- input
+    def feed(self, data: bytes) -> None:
+        """Process one received message. ProtocolError propagates: the owner
+        must then `drain_output()` (the GOAWAY) and close the transport."""
+        self.bytes_in += len(data)
+        self.heartbeat.on_receive(self.clock())
+        try:
+            for ev in self.conn.receive_data(data):
+                self._dispatch(ev)
+        finally:
+            self.flush()
+
+    def _dispatch(self, ev: Event) -> None:
+        if isinstance(ev, DataReceived):
+            ch = self.channels.get(ev.stream_id)
+            if ch is None:
+                # Nobody will read it: give the credit back at once.
+                self.conn.acknowledge_received(ev.stream_id, len(ev.data))
+                return
+            if ev.data:
+                ch.body.put_nowait(ev.data)
+            if ev.end_stream:
+                ch.body.put_nowait(None)
+        elif isinstance(ev, ResponseReceived):
+            ch = self.channels.get(ev.stream_id)
+            if ch is not None and not ch.head.done():
+                ch.head.set_result(ev.head)
+                if ev.end_stream:
+                    ch.body.put_nowait(None)
+        elif isinstance(ev, WindowUpdated):
+            if ev.stream_id == 0:
+                for c in self.channels.values():
+                    c.window.set()
+            elif (ch := self.channels.get(ev.stream_id)) is not None:
+                ch.window.set()
+        elif isinstance(ev, StreamReset):
+            ch = self.channels.pop(ev.stream_id, None)
+            if ch is not None:
+                retryable = ev.code is ErrorCode.REFUSED_STREAM
+                ch.fail(StreamError(f"stream reset by peer: {ev.code.name} {ev.reason}".strip(), ev.code, retryable))
+        elif isinstance(ev, PongReceived):
+            self.heartbeat.on_pong(self.clock(), ev.timestamp / 1e9)
+        else:
+            self._on_event(ev)
+
+    # -------------------------------------------------------------- output
+    def flush(self) -> None:
+        self._wake.set()
+
+    def register(self, stream_id: int) -> StreamChannel:
+        ch = StreamChannel(stream_id)
+        self.channels[stream_id] = ch
+        return ch
+
+    async def send_body(self, ch: StreamChannel, data: bytes, end_stream: bool = False) -> None:
+        """Send body bytes, waiting for credit as needed."""
+        view = memoryview(data)
+        pos, n = 0, len(data)
+        while True:
+            if ch.error is not None:
+                raise ch.error
+            if not self.conn.can_send_body(ch.stream_id):
+                raise StreamError("stream closed", ErrorCode.CANCEL)
+            room = self.conn.send_window(ch.stream_id)
+            take = min(room, n - pos)
+            if take > 0 or (pos == n and end_stream):
+                last = pos + take == n
+                try:
+                    self.conn.send_data(ch.stream_id, bytes(view[pos : pos + take]), end_stream and last)
+                except StreamClosedError as exc:
+                    raise StreamError(str(exc)) from None
+                pos += take
+                ch.outbound += take
+                self.bytes_out += take
+                self.flush()
+                if last:
+                    return
+            elif pos == n:
+                return
+            ch.window.clear()
+            if self.conn.send_window(ch.stream_id) == 0:
+                await ch.window.wait()
+
+    def acknowledge(self, ch: StreamChannel, n: int) -> None:
+        if n and not self.closed.is_set():
+            self.conn.acknowledge_received(ch.stream_id, n)
+            self.flush()
+
+    def reset(self, stream_id: int, code: ErrorCode = ErrorCode.CANCEL, reason: str = "") -> None:
+        ch = self.channels.pop(stream_id, None)
+        if not self.closed.is_set():
+            self.conn.reset_stream(stream_id, code, reason)
+            self.flush()
+        if ch is not None:
+            ch.fail(StreamError(f"stream reset locally: {reason or code.name}", code))
+
+    def release(self, stream_id: int) -> None:
+        """Forget a finished stream's channel."""
+        self.channels.pop(stream_id, None)
+
+    @property
+    def accepting(self) -> bool:
+        return self.conn.state is State.OPEN and not self.closed.is_set()
+
+    # --------------------------------------------------------------- tasks
+    async def _writer(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                data = self.conn.data_to_send()
+                if data:
+                    await self._send(data)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.debug("tunnel writer stopped: %s", exc)
+            self._on_dead(f"send failed: {exc}")
+
+    async def _heartbeats(self) -> None:
+        hb = self.heartbeat
+        while True:
+            now = self.clock()
+            if hb.is_dead(now):
+                self._on_dead(f"no frame received for {hb.timeout:g} s")
+                return
+            if hb.ping_due(now):
+                hb.on_ping_sent(now)
+                self.conn.ping(int(now * 1e9))
+                self.flush()
+            await asyncio.sleep(max(0.01, hb.next_wakeup(self.clock())))

@@ -1,0 +1,329 @@
+"""The worker agent: dials OUT to every edge and keeps its tunnels up,
+admits streams within `--capacity`, forwards them to the local upstream,
+probes the upstream's health and reports it, drains on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+
+import aiohttp
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tunnel import (
+    Connection,
+    ErrorCode,
+    Event,
+    GoAwayReceived,
+    Heartbeat,
+    Hello,
+    PeerSettings,
+    ProtocolError,
+    RequestReceived,
+    Role,
+    State,
+    WelcomeReceived,
+    WorkerStatus,
+)
+from tunnel.aio import StreamChannel, TunnelIO
+
+from . import __version__
+from .backoff import Backoff
+from .config import AgentConfig
+from .forward import forward
+
+log = logging.getLogger("worker_agent")
+
+# An edge that accepted us this long ago counts as a success for backoff.
+STABLE_AFTER = 5.0
+
+
+def client_ssl_context(cfg: AgentConfig) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cfg.ca:
+        try:
+            ctx.load_verify_locations(cfg.ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise SystemExit(f"error: cannot load CA file {cfg.ca}: {exc}; pass the edge's ca.pem with --ca") from None
+    if cfg.client_cert:
+        try:
+            ctx.load_cert_chain(cfg.client_cert, cfg.client_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise SystemExit(f"error: cannot load client certificate {cfg.client_cert}: {exc}") from None
+    if cfg.insecure:
+        log.warning("TLS certificate verification of the edge is OFF (--insecure): anyone on the path can "
+                    "impersonate the edge and read every request")
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class TunnelClient:
+    """One tunnel to one edge, reconnected for as long as the agent runs."""
+
+    def __init__(self, agent: Agent, url: str, index: int) -> None:
+        self.agent = agent
+        self.url = url
+        self.index = index
+        self.io: TunnelIO | None = None
+        self.ws: ClientConnection | None = None
+        self.connected = asyncio.Event()
+        self.connects = 0
+        self._welcome: asyncio.Future[WelcomeReceived] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._edge_draining = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.url}#{self.index}"
+
+    async def run_forever(self) -> None:
+        backoff = Backoff()
+        last_error = ""
+        while not self.agent.stopping.is_set():
+            started = time.monotonic()
+            try:
+                await self._session()
+                error = "edge closed the tunnel" if not self._edge_draining else "edge is draining"
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                error = f"edge refused the tunnel with HTTP {status}"
+                if status == 401:
+                    error += ": the worker token is wrong (check --token / AGENT_TOKEN)"
+            except ssl.SSLCertVerificationError as exc:
+                error = f"edge certificate not trusted ({exc.verify_message}): pass its CA with --ca"
+            except (OSError, ConnectionClosed, TimeoutError, ProtocolError) as exc:
+                error = f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+            finally:
+                self.connected.clear()
+            if self.agent.stopping.is_set():
+                break
+            if time.monotonic() - started > STABLE_AFTER:
+                backoff.reset()
+            delay = backoff.next_delay()
+            if error != last_error or backoff.failures <= 1:
+                log.warning("tunnel %s: %s; reconnecting in %.2f s", self.name, error, delay)
+            last_error = error
+            try:
+                await asyncio.wait_for(self.agent.stopping.wait(), delay)
+            except TimeoutError:
+                pass
+
+    async def _session(self) -> None:
+        cfg = self.agent.config
+        settings = self.agent.settings
+        async with connect(
+            self.url,
+            ssl=self.agent.ssl_context if self.url.startswith("wss:") else None,
+            additional_headers={"Authorization": f"Bearer {cfg.token}"},
+            max_size=settings.connection_window + (1 << 20),
+            max_queue=64,
+            ping_interval=None,  # the tunnel has its own heartbeats
+            compression=None,
+            open_timeout=10,
+            close_timeout=1,
+            proxy=None,
+            user_agent_header=f"worker-agent/{__version__}",
+        ) as ws:
+            self.ws = ws
+            self._edge_draining = False
+            conn = Connection(Role.AGENT, settings)
+            io = TunnelIO(conn, ws.send, self._on_event, Heartbeat(cfg.heartbeat_interval, cfg.dead_after),
+                          self._on_dead)
+            self.io = io
+            self._welcome = asyncio.get_running_loop().create_future()
+            labels = dict(cfg.labels)
+            labels["tunnel"] = str(self.index)
+            conn.send_hello(Hello(cfg.agent_id, cfg.pool, cfg.capacity, f"worker-agent/{__version__}", labels))
+            io.start()
+            try:
+                reader = asyncio.create_task(self._read_loop(ws, io))
+                done, _ = await asyncio.wait({reader, self._welcome}, timeout=10,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if self._welcome not in done:
+                    if reader in done:
+                        reader.result()  # raise why it ended
+                        raise ConnectionError(io.close_reason or "edge closed the tunnel during the handshake")
+                    raise TimeoutError("no WELCOME from the edge within 10 s")
+                self.connects += 1
+                log.info("tunnel %s up (pool %s, capacity %d)", self.name, cfg.pool, cfg.capacity)
+                self.connected.set()
+                self.send_status()
+                await reader
+            finally:
+                await self._stop_streams(io)
+
+    async def _read_loop(self, ws: ClientConnection, io: TunnelIO) -> None:
+        while True:
+            try:
+                data = await ws.recv()
+            except ConnectionClosed:
+                if conn_goaway := io.conn.goaway_received:
+                    if conn_goaway.code is not ErrorCode.NO_ERROR:
+                        raise ConnectionError(f"edge closed the tunnel: {conn_goaway.code.name} "
+                                              f"{conn_goaway.reason}") from None
+                return
+            if isinstance(data, str):
+                raise ConnectionError("edge sent a text message")
+            try:
+                io.feed(data)
+            except ProtocolError as exc:
+                log.error("tunnel %s: the edge sent a malformed frame: %s", self.name, exc)
+                await io.drain_output()
+                raise
+            if io.conn.state is State.CLOSED:
+                return
+            if self._edge_draining and not io.channels:
+                return  # all our streams are done: reconnect (to the restarted edge)
+
+    def _on_event(self, ev: Event) -> None:
+        io = self.io
+        assert io is not None
+        if isinstance(ev, WelcomeReceived):
+            if self._welcome is not None and not self._welcome.done():
+                self._welcome.set_result(ev)
+        elif isinstance(ev, RequestReceived):
+            is_check = any(n.lower() == "x-edge-health-check" for n, _ in ev.head.headers)
+            if not self.agent.admit(is_check):
+                io.reset(ev.stream_id, ErrorCode.REFUSED_STREAM, "worker at capacity or draining")
+                return
+            ch = io.register(ev.stream_id)
+            if ev.end_stream:
+                ch.body.put_nowait(None)
+            task = asyncio.create_task(self._serve(io, ch, ev, is_check))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif isinstance(ev, GoAwayReceived):
+            self._edge_draining = True
+            log.info("tunnel %s: edge is draining (%s)", self.name, ev.reason or ev.code.name)
+
+    async def _serve(self, io: TunnelIO, ch: StreamChannel, ev: RequestReceived, is_check: bool) -> None:
+        cfg = self.agent.config
+        try:
+            await forward(io, ch, ev.head, ev.end_stream, self.agent.http, cfg.upstream.rstrip("/"),
+                          cfg.buffer_response, cfg.upstream_timeout)
+        except Exception:
+            log.exception("stream %d failed", ch.stream_id)
+            io.reset(ch.stream_id, ErrorCode.INTERNAL_ERROR, "agent error")
+        finally:
+            self.agent.done(is_check)
+            if self._edge_draining and not io.channels and self.ws is not None:
+                await self.ws.close()
+
+    def _on_dead(self, reason: str) -> None:
+        log.warning("tunnel %s: %s; dropping it", self.name, reason)
+        if self.ws is not None:
+            self.ws.transport.abort()
+
+    def send_status(self) -> None:
+        io = self.io
+        if io is None or io.conn.state is not State.OPEN or not self.connected.is_set():
+            return
+        healthy, detail = self.agent.upstream_healthy, self.agent.upstream_detail
+        io.conn.send_status(WorkerStatus(healthy is not False, detail))
+        io.flush()
+
+    def goaway(self) -> None:
+        io = self.io
+        if io is not None and io.conn.state is State.OPEN:
+            io.conn.goaway(ErrorCode.NO_ERROR, "agent shutting down")
+            io.flush()
+
+    async def _stop_streams(self, io: TunnelIO) -> None:
+        await io.close(io.close_reason or "tunnel closed")
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.io = None
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        if not config.edges:
+            raise SystemExit("error: no edge given; pass --edge wss://HOST:PORT/_edge/tunnel")
+        if not config.token:
+            raise SystemExit("error: no worker token; pass --token or --token-file (create one with "
+                             "`edge-proxy tokens create`)")
+        for url in config.edges:
+            if not url.startswith(("wss://", "ws://")):
+                raise SystemExit(f"error: edge URL {url!r} must start with wss:// (or ws:// for plain tests)")
+        self.config = config
+        self.settings = PeerSettings()
+        self.ssl_context = client_ssl_context(config)
+        self.clients = [TunnelClient(self, url, i) for url in config.edges for i in range(config.tunnels_per_edge)]
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.stopping = asyncio.Event()
+        self.upstream_healthy: bool | None = None
+        self.upstream_detail = ""
+        self.http: aiohttp.ClientSession
+
+    def admit(self, is_check: bool) -> bool:
+        if self.stopping.is_set():
+            return False
+        if not is_check:
+            if self.in_flight >= self.config.capacity:
+                return False
+            self.in_flight += 1
+            self.idle.clear()
+        return True
+
+    def done(self, is_check: bool) -> None:
+        if not is_check:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle.set()
+
+    async def probe_once(self) -> None:
+        url = self.config.upstream.rstrip("/") + self.config.health_path
+        try:
+            async with self.http.get(url, timeout=aiohttp.ClientTimeout(total=max(1.0, self.config.health_interval))) as r:
+                await r.read()
+                healthy, detail = 200 <= r.status < 300, f"{self.config.health_path} answered {r.status}"
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            healthy, detail = False, f"upstream unreachable: {exc.__class__.__name__}"
+        if healthy != self.upstream_healthy:
+            log.info("upstream %s is %s (%s)", self.config.upstream, "healthy" if healthy else "UNHEALTHY", detail)
+            self.upstream_healthy, self.upstream_detail = healthy, detail
+            for c in self.clients:
+                c.send_status()
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval)
+            await self.probe_once()
+
+    async def run(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as http:
+            self.http = http
+            await self.probe_once()
+            tasks = [asyncio.create_task(c.run_forever(), name=c.name) for c in self.clients]
+            prober = asyncio.create_task(self._probe_loop())
+            await self.stopping.wait()
+            log.info("draining: GOAWAY to every edge, up to %.0f s for %d in-flight request(s)", self.config.grace,
+                     self.in_flight)
+            for c in self.clients:
+                c.goaway()
+            try:
+                await asyncio.wait_for(self.idle.wait(), self.config.grace)
+            except TimeoutError:
+                log.warning("%d request(s) still in flight after the grace period", self.in_flight)
+            prober.cancel()
+            for c in self.clients:
+                if c.ws is not None:
+                    await c.ws.close()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, prober, return_exceptions=True)
+        log.info("agent stopped")
+
+    def stop(self) -> None:
+        self.stopping.set()
+
