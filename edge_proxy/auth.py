@@ -79,7 +79,8 @@ class CredentialStore:
         return found
 
 
-def create(path: str | Path, name: str, prefix: str, admin: bool = True) -> str:
+def create(path: str | Path, name: str, prefix: str, admin: bool = True, rate: float | None = None,
+           burst: float | None = None) -> str:
     """Append a new secret named `name` to the file; return the secret."""
     p = Path(path)
     data: dict[str, list[dict[str, object]]] = {"credentials": []}
@@ -88,9 +89,12 @@ def create(path: str | Path, name: str, prefix: str, admin: bool = True) -> str:
     if any(c.get("name") == name for c in data.get("credentials", [])):
         raise SystemExit(f"error: a credential named {name!r} already exists in {p}; pick another --name or revoke it first")
     secret = prefix + secrets.token_urlsafe(32)
-    data.setdefault("credentials", []).append(
-        {"name": name, "sha256": digest(secret).hex(), "admin": admin, "created": int(time.time())}
-    )
+    entry: dict[str, object] = {"name": name, "sha256": digest(secret).hex(), "admin": admin,
+                                "created": int(time.time())}
+    if rate is not None:
+        entry["rate"] = rate
+        entry["burst"] = burst if burst is not None else max(1.0, rate)
+    data.setdefault("credentials", []).append(entry)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         kc.add_argument("--name", required=True)
         if kind == "keys":
             kc.add_argument("--no-admin", action="store_true", help="this key may not read /_edge/ status pages")
+            kc.add_argument("--rate", type=float, help="requests/s for this key (default: the edge's --rate-limit)")
+            kc.add_argument("--burst", type=float, help="burst for this key (default: max(1, rate))")
         kr = ksub.add_parser("revoke", help="remove a secret by name")
         kr.add_argument("--file", required=True)
         kr.add_argument("--name", required=True)
@@ -176,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("keys", "tokens"):
         prefix = auth.CLIENT_KEY_PREFIX if args.command == "keys" else auth.WORKER_TOKEN_PREFIX
         if args.action == "create":
-            secret = auth.create(args.file, args.name, prefix, admin=not getattr(args, "no_admin", False))
+            secret = auth.create(args.file, args.name, prefix, admin=not getattr(args, "no_admin", False),
+                                 rate=getattr(args, "rate", None), burst=getattr(args, "burst", None))
             print(secret)
             print(f"stored the hash of {args.name!r} in {args.file}; this secret is shown only once", file=sys.stderr)
         else:

@@ -41,7 +41,7 @@ async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float, wha
         try:
             if await predicate():
                 return time.monotonic() - start
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             last_exc = exc
         await asyncio.sleep(interval)
     text = what() if callable(what) else what
@@ -107,6 +107,7 @@ class Pki:
     worker_tokens: Path
     client_key: str
     plain_key: str  # a non-admin client key
+    limited_key: str  # 5 requests/s, burst 5
     worker_token: str
     other_worker_token: str
 
@@ -121,6 +122,7 @@ def make_pki(d: Path) -> Pki:
         d, files["ca"], files["cert"], files["key"], keys, tokens,
         client_key=auth.create(keys, "tester", auth.CLIENT_KEY_PREFIX),
         plain_key=auth.create(keys, "plain", auth.CLIENT_KEY_PREFIX, admin=False),
+        limited_key=auth.create(keys, "limited", auth.CLIENT_KEY_PREFIX, rate=5, burst=5),
         worker_token=auth.create(tokens, "workers", auth.WORKER_TOKEN_PREFIX),
         other_worker_token=auth.create(tokens, "other-team", auth.WORKER_TOKEN_PREFIX),
     )

@@ -86,7 +86,8 @@ class TunnelIO:
     The owner feeds every received message to `feed()` and calls `close()`
     when the transport ends. `send` must send one binary message.
     Events that concern only the owner (requests, hello, status, goaway)
-    go to `on_event`; stream-level ones are handled here.
+    go to `on_event`, and so do resets after their channel has failed;
+    the other stream-level ones are handled here.
     """
 
     def __init__(
@@ -191,6 +192,7 @@ class TunnelIO:
             if ch is not None:
                 retryable = ev.code is ErrorCode.REFUSED_STREAM
                 ch.fail(StreamError(f"stream reset by peer: {ev.code.name} {ev.reason}".strip(), ev.code, retryable))
+            self._on_event(ev)  # the owner may have work to cancel
         elif isinstance(ev, PongReceived):
             self.heartbeat.on_pong(self.clock(), ev.timestamp / 1e9)
         else:

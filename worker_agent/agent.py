@@ -25,6 +25,7 @@ from tunnel import (
     RequestReceived,
     Role,
     State,
+    StreamReset,
     WelcomeReceived,
     WorkerStatus,
 )
@@ -74,7 +75,7 @@ class TunnelClient:
         self.connected = asyncio.Event()
         self.connects = 0
         self._welcome: asyncio.Future[WelcomeReceived] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[int, asyncio.Task[None]] = {}
         self._edge_draining = False
 
     @property
@@ -195,8 +196,13 @@ class TunnelClient:
             if ev.end_stream:
                 ch.body.put_nowait(None)
             task = asyncio.create_task(self._serve(io, ch, ev, is_check))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks[ev.stream_id] = task
+            task.add_done_callback(lambda _t, sid=ev.stream_id: self._tasks.pop(sid, None))
+        elif isinstance(ev, StreamReset):
+            # The edge gave up on it (client gone, timeout): cancel the upstream request.
+            task = self._tasks.get(ev.stream_id)
+            if task is not None:
+                task.cancel()
         elif isinstance(ev, GoAwayReceived):
             self._edge_draining = True
             log.info("tunnel %s: edge is draining (%s)", self.name, ev.reason or ev.code.name)
@@ -235,10 +241,11 @@ class TunnelClient:
 
     async def _stop_streams(self, io: TunnelIO) -> None:
         await io.close(io.close_reason or "tunnel closed")
-        for t in list(self._tasks):
+        tasks = list(self._tasks.values())
+        for t in tasks:
             t.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         self.io = None
 
 

@@ -56,6 +56,7 @@ async def stats(request: web.Request) -> web.Response:
 
 async def hang(request: web.Request) -> web.Response:
     state["in_flight"] += 1
+    state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
     try:
         await asyncio.sleep(3600)
     finally:
@@ -118,4 +119,5 @@ def make_app() -> web.Application:
 
 
 if __name__ == "__main__":
-    web.run_app(make_app(), host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+    web.run_app(make_app(), host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None,
+                handler_cancellation=True)
