@@ -185,7 +185,7 @@ def worker_info(w: Worker, now: float) -> dict[str, object]:
 def admin_page(state: EdgeState, norm: str) -> web.Response:
     now = time.monotonic()
     if norm == "/_edge/metrics":
-        return web.Response(body=state.metrics.render(state.registry), content_type="text/plain",
+        return web.Response(body=state.metrics.render(state.registry),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
     workers = [worker_info(w, now) for w in state.registry.workers.values()]
     if norm == "/_edge/workers":
@@ -235,8 +235,10 @@ async def tunnel_endpoint(state: EdgeState, request: web.Request) -> web.StreamR
     return ws
 
 
-async def _on_shutdown(app: web.Application) -> None:
-    """Drain: refuse new work, GOAWAY every tunnel, let in-flight requests finish."""
+async def drain(app: web.Application) -> None:
+    """Refuse new work, GOAWAY every tunnel, let in-flight requests finish
+    (up to the grace period). Must run before the runner's cleanup: once
+    aiohttp starts closing connections it stops reading them, tunnels too."""
     state = app[STATE]
     state.draining = True
     for s in list(state.sessions):
@@ -246,7 +248,10 @@ async def _on_shutdown(app: web.Application) -> None:
             await asyncio.wait_for(state.idle.wait(), state.config.grace)
         except TimeoutError:
             log.warning("%d request(s) still in flight after %.0f s of grace", state.in_flight, state.config.grace)
-    for s in list(state.sessions):
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    for s in list(app[STATE].sessions):
         s.abort("edge shut down")
 
 

@@ -16,7 +16,7 @@ from dataclasses import replace
 from aiohttp import web
 
 from . import auth, certs
-from .app import make_app
+from .app import drain, make_app
 from .config import EdgeConfig
 from .health import HealthPolicy
 
@@ -164,6 +164,8 @@ async def serve(cfg: EdgeConfig, insecure_http: bool = False) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down: draining for up to %.0f s", cfg.grace)
+    await site.stop()  # no new connections
+    await drain(app)
     await runner.cleanup()
     log.info("edge stopped")
 

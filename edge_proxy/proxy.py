@@ -136,14 +136,23 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
     has_body = request.body_exists
     body = RequestBody(request, cfg.max_body, cfg.replay_buffer)
     attempt = 0
+    refused_by = None
     while True:
         t_lb = time.monotonic()
-        try:
-            lease = await reg.acquire(pool_name, cfg.queue_timeout)
-        except NoWorkerAvailable as exc:
-            state.metrics.rejections.labels("no_worker").inc()
-            return error_response(503, "no_worker", str(exc), request_id,
-                                  headers={"Retry-After": str(max(1, round(exc.retry_after)))})
+        if refused_by is None:
+            try:
+                lease = await reg.acquire(pool_name, cfg.queue_timeout)
+            except NoWorkerAvailable as exc:
+                state.metrics.rejections.labels("no_worker").inc()
+                return error_response(503, "no_worker", str(exc), request_id,
+                                      headers={"Retry-After": str(max(1, round(exc.retry_after)))})
+        else:
+            # The retry goes to another worker with a free slot now, or nowhere.
+            retry_lease = reg.try_acquire(pool_name, exclude=refused_by)
+            if retry_lease is None:
+                return error_response(502, "worker_unavailable", f"worker {refused_by.agent_id} refused the request "
+                                      "and no other worker could take it", request_id)
+            lease = retry_lease
         lb = time.monotonic() - t_lb
         state.metrics.queue_wait.labels(pool_name).observe(lb)
         session = lease.worker.live_session()
@@ -157,6 +166,7 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
         except RetryElsewhere:
             if attempt == 0 and (not has_body or body.replayable):
                 attempt += 1
+                refused_by = lease.worker
                 state.metrics.retries.labels(pool_name).inc()
                 continue
             return error_response(502, "worker_unavailable", "the worker refused the request and it could "
@@ -187,6 +197,7 @@ async def _exchange(state: EdgeState, request: web.Request, session: EdgeSession
             # have, so only idempotent requests are retried after one.
             lost = io.closed.is_set() and request.method in IDEMPOTENT
             if replayable and (exc.retryable or lost):
+                log.info("request %s: worker %s did not take it (%s); retrying elsewhere", request_id, worker_id, exc)
                 raise RetryElsewhere() from None
             log.warning("request %s to worker %s failed: %s", request_id, worker_id, exc)
             return error_response(502, "worker_failed", f"worker {worker_id} failed: {exc}", request_id), False, None

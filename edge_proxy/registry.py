@@ -145,12 +145,13 @@ class Registry:
         return sorted(name for name, p in self.pools.items() if p.workers or name == "default")
 
     # ------------------------------------------------------------ admission
-    def try_acquire(self, pool_name: str) -> Lease | None:
+    def try_acquire(self, pool_name: str, exclude: Worker | None = None) -> Lease | None:
+        """A slot now, or None; never on `exclude` (the worker that just refused)."""
         pool = self.pools.get(pool_name)
         if pool is None:
             return None
         now = self.clock()
-        w = balancer.choose([w for w in pool.workers if w.available(now)], self.rng)
+        w = balancer.choose([w for w in pool.workers if w is not exclude and w.available(now)], self.rng)
         if w is None:
             return None
         w.in_flight += 1

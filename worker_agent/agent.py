@@ -218,6 +218,7 @@ class TunnelClient:
         finally:
             self.agent.done(is_check)
             if self._edge_draining and not io.channels and self.ws is not None:
+                await io.drain_output()  # the last response must leave before the close
                 await self.ws.close()
 
     def _on_dead(self, reason: str) -> None:

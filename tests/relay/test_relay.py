@@ -389,3 +389,71 @@ def test_edge_start_up_errors_are_one_line(pki, tmp_path):
         r = subprocess.run(base + ["--cert", str(pki.cert), "--key", str(pki.key), "--listen", f"127.0.0.1:{port}"],
                            capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "already in use" in r.stderr and "Traceback" not in r.stderr
+
+
+async def test_refused_request_is_retried_once_on_another_worker(system: System):
+    up1p, up1 = await system.upstream("up1")
+    _, up2 = await system.upstream("up2")
+    _, edge = await system.edge("edge", None, "--check-interval", "30")
+    system.agent("w1", edge, up1, "--health-interval", "30")
+    system.agent("w2", edge, up2, "--health-interval", "30")
+    await system.wait_available(edge, ["w1", "w2"])
+    up1p.kill()  # w1's upstream refuses connections; nobody has noticed yet
+    http = system.http()
+    for _ in range(20):
+        async with http.post(edge + "/echo", data=b"payload", headers=system.auth()) as r:
+            assert r.status == 200
+            assert await r.read() == b"payload"
+
+
+async def test_agent_keeps_a_tunnel_to_every_edge(system: System):
+    _, up = await system.upstream()
+    _, edge_a = await system.edge("edge-a")
+    _, edge_b = await system.edge("edge-b")
+    ws_b = edge_b.replace("https://", "wss://") + "/_edge/tunnel"
+    system.agent("w1", edge_a, up, "--edge", ws_b, "--tunnels-per-edge", "2")
+    await system.wait_available(edge_a, ["w1"])
+    await system.wait_available(edge_b, ["w1"])
+    assert (await system.workers(edge_a))["w1"]["tunnels"] == ["0", "1"]
+    for edge in (edge_a, edge_b):
+        async with system.http().get(edge + "/", headers=system.auth()) as r:
+            assert r.status == 200
+
+
+async def test_status_pages_metrics_and_readiness(system: System):
+    _, edge = await start_one(system)
+    http = system.http()
+    async with http.get(edge + "/_edge/ready") as r:
+        assert r.status == 200 and (await r.json())["healthy_workers"]["default"] == 1
+    async with http.get(edge + "/") as r:
+        assert r.status == 401
+    async with http.get(edge + "/", headers=system.auth()) as r:
+        assert r.status == 200
+    async with http.get(edge + "/_edge/metrics") as r:
+        assert r.status == 401
+    async with http.get(edge + "/_edge/metrics", headers=system.auth()) as r:
+        text = await r.text()
+    assert 'edge_requests_total{pool="default",status="200"}' in text
+    assert "edge_tunnel_rtt_seconds" in text and 'edge_workers{pool="default",state="healthy"} 1.0' in text
+    async with http.get(edge + "/_edge/", headers=system.auth()) as r:
+        page = await r.text()
+    assert "<table>" in page and "w1" in page
+    for trick in ("/%5F_edge/workers", "//_edge/workers", "/x/../_edge/workers"):
+        async with http.get(edge + trick, headers={"X-API-Key": system.pki.plain_key}) as r:
+            assert r.status in (403, 404), trick  # never proxied, never served to a non-admin key
+
+
+async def test_edge_sigterm_drains_in_flight_requests_and_exits_0(system: System):
+    _, up = await system.upstream()
+    edge_proc, edge = await system.edge()
+    system.agent("w1", edge, up)
+    await system.wait_available(edge, ["w1"])
+    http = system.http()
+    task = asyncio.create_task(http.get(edge + "/work?ms=1000", headers=system.auth()))
+    await wait_for(lambda: _in_flight(system, edge, "w1"), 5, "request in flight")
+    edge_proc.signal(signal.SIGTERM)
+    r = await task
+    assert r.status == 200, (await r.text()) + system.logs()
+    r.release()
+    await wait_for(lambda: _exited(edge_proc), 10, "edge to exit")
+    assert edge_proc.p.returncode == 0
