@@ -24,7 +24,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy tunnel
+	$(BIN)/mypy tunnel edge_proxy worker_agent
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache

@@ -11,9 +11,14 @@ from typing import Protocol, TypeVar
 
 
 class Candidate(Protocol):
-    in_flight: int
-    capacity: int
-    ewma_latency: float
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def capacity(self) -> int: ...
+
+    @property
+    def ewma_latency(self) -> float: ...
 
 
 @dataclass(slots=True)

@@ -10,12 +10,12 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tunnel import ErrorCode, RequestHead
+from tunnel import ErrorCode, RequestHead, ResponseHead
 from tunnel.aio import StreamChannel, StreamError, TunnelIO
 from tunnel.headers import end_to_end, merge_server_timing, timing_entry
 
@@ -287,13 +287,13 @@ async def _pump_body(io: TunnelIO, ch: StreamChannel, body: RequestBody) -> None
     await io.send_body(ch, b"", end_stream=True)
 
 
-async def _await_head(ch: StreamChannel, pump: asyncio.Task[None] | None, timeout: float):  # type: ignore[no-untyped-def]
+async def _await_head(ch: StreamChannel, pump: asyncio.Task[None] | None, timeout: float) -> ResponseHead:
     """Wait for the response head while watching the body upload for errors."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    waits: set[asyncio.Future[object]] = {ch.head}  # type: ignore[arg-type]
+    waits: set[asyncio.Future[Any]] = {ch.head}
     if pump is not None:
-        waits.add(pump)  # type: ignore[arg-type]
+        waits.add(pump)
     while True:
         remaining = deadline - loop.time()
         if remaining <= 0:
@@ -308,12 +308,12 @@ async def _await_head(ch: StreamChannel, pump: asyncio.Task[None] | None, timeou
             if exc is not None and not isinstance(exc, StreamError):
                 # Reading the client's body failed: the client is gone.
                 raise asyncio.CancelledError()
-            waits.discard(pump)  # type: ignore[arg-type]
+            waits.discard(pump)
         if not done:
             raise TimeoutError()
 
 
-async def _read_all(io: TunnelIO, ch: StreamChannel, idle: float, limit: int) -> bytes:
+async def _read_all(io: TunnelIO, ch: StreamChannel, idle: float, limit: int | None) -> bytes:
     parts = []
     size = 0
     while (chunk := await asyncio.wait_for(ch.read(), idle)) is not None:

@@ -23,7 +23,7 @@ HOP_BY_HOP = frozenset(
 def end_to_end(headers: Iterable[tuple[str, str]], drop: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
     """Headers minus hop-by-hop ones (including those named in Connection) and `drop` (lower-case)."""
     pairs = list(headers)
-    named = set()
+    named: set[str] = set()
     for name, value in pairs:
         if name.lower() == "connection":
             named.update(t.strip().lower() for t in value.split(","))

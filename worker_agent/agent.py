@@ -8,6 +8,7 @@ import asyncio
 import logging
 import ssl
 import time
+from typing import Any
 
 import aiohttp
 from websockets.asyncio.client import ClientConnection, connect
@@ -143,7 +144,8 @@ class TunnelClient:
             io.start()
             try:
                 reader = asyncio.create_task(self._read_loop(ws, io))
-                done, _ = await asyncio.wait({reader, self._welcome}, timeout=10,
+                waits: set[asyncio.Future[Any]] = {reader, self._welcome}
+                done, _ = await asyncio.wait(waits, timeout=10,
                                              return_when=asyncio.FIRST_COMPLETED)
                 if self._welcome not in done:
                     if reader in done:
@@ -197,12 +199,12 @@ class TunnelClient:
                 ch.body.put_nowait(None)
             task = asyncio.create_task(self._serve(io, ch, ev, is_check))
             self._tasks[ev.stream_id] = task
-            task.add_done_callback(lambda _t, sid=ev.stream_id: self._tasks.pop(sid, None))
+            task.add_done_callback(self._forget_task)
         elif isinstance(ev, StreamReset):
             # The edge gave up on it (client gone, timeout): cancel the upstream request.
-            task = self._tasks.get(ev.stream_id)
-            if task is not None:
-                task.cancel()
+            running = self._tasks.get(ev.stream_id)
+            if running is not None:
+                running.cancel()
         elif isinstance(ev, GoAwayReceived):
             self._edge_draining = True
             log.info("tunnel %s: edge is draining (%s)", self.name, ev.reason or ev.code.name)
@@ -220,6 +222,11 @@ class TunnelClient:
             if self._edge_draining and not io.channels and self.ws is not None:
                 await io.drain_output()  # the last response must leave before the close
                 await self.ws.close()
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        for sid, t in list(self._tasks.items()):
+            if t is task:
+                del self._tasks[sid]
 
     def _on_dead(self, reason: str) -> None:
         log.warning("tunnel %s: %s; dropping it", self.name, reason)
