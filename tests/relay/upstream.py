@@ -1,5 +1,5 @@
 """A small upstream for relay tests: echo, sizes, delays, hangs, SSE, a
-concurrency meter and a switchable /healthz. Run: python upstream.py PORT."""
+concurrency meter and a switchable /healthz. Run: python upstream.py PORT [HOST]."""
 
 from __future__ import annotations
 
@@ -119,5 +119,6 @@ def make_app() -> web.Application:
 
 
 if __name__ == "__main__":
-    web.run_app(make_app(), host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None,
+    host = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"
+    web.run_app(make_app(), host=host, port=int(sys.argv[1]), access_log=None, print=None,
                 handler_cancellation=True)
