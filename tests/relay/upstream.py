@@ -11,7 +11,19 @@ import sys
 
 from aiohttp import web
 
-state = {"in_flight": 0, "max_in_flight": 0, "served": 0, "healthy": True}
+state = {"in_flight": 0, "max_in_flight": 0, "served": 0, "healthy": True, "fail": False, "delay_ms": 0.0}
+CONTROL = ("/healthz", "/stats", "/set-", "/sse-release")
+
+
+@web.middleware
+async def misbehave(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    """Modes set with /set-fail/on and /set-delay/MS, for fault tests."""
+    if not request.path.startswith(CONTROL):
+        if state["delay_ms"]:
+            await asyncio.sleep(float(state["delay_ms"]) / 1000)
+        if state["fail"]:
+            return web.Response(status=500, text="failing on purpose")
+    return await handler(request)
 sse_release = asyncio.Event()
 
 
@@ -93,6 +105,16 @@ async def set_health(request: web.Request) -> web.Response:
     return web.Response(text="set")
 
 
+async def set_fail(request: web.Request) -> web.Response:
+    state["fail"] = request.match_info["value"] == "on"
+    return web.Response(text="set")
+
+
+async def set_delay(request: web.Request) -> web.Response:
+    state["delay_ms"] = float(request.match_info["ms"])
+    return web.Response(text="set")
+
+
 async def crash(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Length": "1000000"})
     await resp.prepare(request)
@@ -101,7 +123,7 @@ async def crash(request: web.Request) -> web.StreamResponse:
 
 
 def make_app() -> web.Application:
-    app = web.Application(client_max_size=1 << 31)
+    app = web.Application(client_max_size=1 << 31, middlewares=[misbehave])
     app.router.add_get("/", root)
     app.router.add_post("/echo", echo)
     app.router.add_put("/echo", echo)
@@ -115,6 +137,8 @@ def make_app() -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/set-health/{value}", set_health)
     app.router.add_get("/crash", crash)
+    app.router.add_get("/set-fail/{value}", set_fail)
+    app.router.add_get("/set-delay/{ms}", set_delay)
     return app
 
 
