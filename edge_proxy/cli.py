@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("max-queue", int, d.max_queue, "requests that may wait per pool before 503"),
         ("upstream-timeout", float, d.upstream_timeout, "seconds to the response head before 504"),
         ("idle-timeout", float, d.idle_timeout, "seconds without a response byte before 504/abort"),
+        ("keepalive-timeout", float, d.keepalive_timeout,
+         "seconds a connection may take to send a complete request head (also the idle keep-alive)"),
+        ("client-body-timeout", float, d.client_body_timeout, "seconds a request body may stall before 408"),
+        ("max-headers", int, d.max_headers, "header lines per request; more -> 400"),
+        ("max-field-size", int, d.max_field_size, "bytes per header line; more -> 400"),
         ("heartbeat-interval", float, d.heartbeat_interval, "seconds between tunnel pings"),
         ("dead-after", float, d.dead_after, "a tunnel silent this many seconds is dead"),
         ("check-interval", float, h.check_interval, "seconds between active /healthz checks of each worker"),
@@ -111,6 +116,8 @@ def config_from_args(a: argparse.Namespace) -> EdgeConfig:
         max_body=a.max_body, buffer_response=a.buffer_response, queue_timeout=a.queue_timeout, max_queue=a.max_queue,
         upstream_timeout=a.upstream_timeout, idle_timeout=a.idle_timeout, heartbeat_interval=a.heartbeat_interval,
         dead_after=a.dead_after, health=health, rate_limit=a.rate_limit, rate_burst=a.rate_burst, grace=a.grace,
+        keepalive_timeout=a.keepalive_timeout, client_body_timeout=a.client_body_timeout, max_headers=a.max_headers,
+        max_field_size=a.max_field_size,
     )
 
 
@@ -144,7 +151,9 @@ async def serve(cfg: EdgeConfig, insecure_http: bool = False) -> None:
     if insecure_http:
         log.warning("serving plain HTTP: only do this behind a TLS-terminating load balancer")
     app = make_app(cfg, keys, tokens)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=cfg.grace)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=cfg.grace,
+                           keepalive_timeout=cfg.keepalive_timeout, max_headers=cfg.max_headers,
+                           max_field_size=cfg.max_field_size, max_line_size=cfg.max_field_size)
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ctx, backlog=1024, reuse_address=True)
     try:

@@ -30,6 +30,12 @@ class EdgeConfig:
     upstream_timeout: float = 60.0  # request sent -> response head -> 504
     idle_timeout: float = 60.0  # no response byte for this long -> 504 / abort
     handshake_timeout: float = 5.0
+    # A connection must deliver a complete request head within this long of
+    # opening or of its previous response (bounds slowloris on headers).
+    keepalive_timeout: float = 15.0
+    client_body_timeout: float = 30.0  # a request body may stall this long between chunks -> 408
+    max_headers: int = 100  # header lines per request -> 400 beyond
+    max_field_size: int = 8190  # bytes per header line -> 400 beyond
     # Liveness
     heartbeat_interval: float = 1.0
     dead_after: float = 3.0  # a tunnel silent this long is declared dead

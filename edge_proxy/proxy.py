@@ -56,6 +56,10 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyStalled(Exception):
+    pass
+
+
 class RetryElsewhere(Exception):
     """The worker never processed the request: safe to try another."""
 
@@ -75,8 +79,9 @@ class RequestBody:
     """The client's body, read once, with the first `replay_limit` bytes kept so
     that a request refused by a worker can be replayed to another."""
 
-    def __init__(self, request: web.Request, max_body: int, replay_limit: int) -> None:
+    def __init__(self, request: web.Request, max_body: int, replay_limit: int, stall_timeout: float) -> None:
         self.request = request
+        self.stall_timeout = stall_timeout
         self.max_body = max_body
         self.replay_limit = replay_limit
         self.kept: list[bytes] = []
@@ -88,7 +93,10 @@ class RequestBody:
         for c in self.kept:
             yield c
         while not self.finished:
-            chunk = await self.request.content.readany()
+            try:
+                chunk = await asyncio.wait_for(self.request.content.readany(), self.stall_timeout)
+            except TimeoutError:
+                raise BodyStalled() from None
             if not chunk:
                 self.finished = True
                 return
@@ -134,7 +142,7 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
                               f"limit of {cfg.max_body}", request_id, close=True)
     head = request_head(request, target, request_id)
     has_body = request.body_exists
-    body = RequestBody(request, cfg.max_body, cfg.replay_buffer)
+    body = RequestBody(request, cfg.max_body, cfg.replay_buffer, cfg.client_body_timeout)
     attempt = 0
     refused_by = None
     while True:
@@ -205,6 +213,11 @@ async def _exchange(state: EdgeState, request: web.Request, session: EdgeSession
             io.reset(ch.stream_id, ErrorCode.CANCEL, "upstream timeout")
             return error_response(504, "upstream_timeout", f"worker {worker_id} sent no response within "
                                   f"{cfg.upstream_timeout:g} s", request_id), False, None
+        except BodyStalled:
+            io.reset(ch.stream_id, ErrorCode.CANCEL, "request body stalled")
+            state.metrics.rejections.labels("body_stalled").inc()
+            return error_response(408, "body_timeout", f"the request body stalled for {cfg.client_body_timeout:g} s",
+                                  request_id, close=True), None, None
         except BodyTooLarge:
             io.reset(ch.stream_id, ErrorCode.CANCEL, "request body too large")
             state.metrics.rejections.labels("body_too_large").inc()
@@ -303,7 +316,7 @@ async def _await_head(ch: StreamChannel, pump: asyncio.Task[None] | None, timeou
             return ch.head.result()
         if pump is not None and pump in done:
             exc = pump.exception()
-            if isinstance(exc, BodyTooLarge):
+            if isinstance(exc, BodyTooLarge | BodyStalled):
                 raise exc
             if exc is not None and not isinstance(exc, StreamError):
                 # Reading the client's body failed: the client is gone.

@@ -77,6 +77,7 @@ class TunnelClient:
         self.connects = 0
         self._welcome: asyncio.Future[WelcomeReceived] | None = None
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._slots: dict[int, bool] = {}  # stream id -> is a health check, for streams holding a slot
         self._edge_draining = False
 
     @property
@@ -194,10 +195,11 @@ class TunnelClient:
             if not self.agent.admit(is_check):
                 io.reset(ev.stream_id, ErrorCode.REFUSED_STREAM, "worker at capacity or draining")
                 return
+            self._slots[ev.stream_id] = is_check
             ch = io.register(ev.stream_id)
             if ev.end_stream:
                 ch.body.put_nowait(None)
-            task = asyncio.create_task(self._serve(io, ch, ev, is_check))
+            task = asyncio.create_task(self._serve(io, ch, ev))
             self._tasks[ev.stream_id] = task
             task.add_done_callback(self._forget_task)
         elif isinstance(ev, StreamReset):
@@ -205,11 +207,14 @@ class TunnelClient:
             running = self._tasks.get(ev.stream_id)
             if running is not None:
                 running.cancel()
+            # Free the slot now: the edge considers it free already and may
+            # send the next request in the same read.
+            self._release_slot(ev.stream_id)
         elif isinstance(ev, GoAwayReceived):
             self._edge_draining = True
             log.info("tunnel %s: edge is draining (%s)", self.name, ev.reason or ev.code.name)
 
-    async def _serve(self, io: TunnelIO, ch: StreamChannel, ev: RequestReceived, is_check: bool) -> None:
+    async def _serve(self, io: TunnelIO, ch: StreamChannel, ev: RequestReceived) -> None:
         cfg = self.agent.config
         try:
             await forward(io, ch, ev.head, ev.end_stream, self.agent.http, cfg.upstream.rstrip("/"),
@@ -218,10 +223,15 @@ class TunnelClient:
             log.exception("stream %d failed", ch.stream_id)
             io.reset(ch.stream_id, ErrorCode.INTERNAL_ERROR, "agent error")
         finally:
-            self.agent.done(is_check)
+            self._release_slot(ch.stream_id)
             if self._edge_draining and not io.channels and self.ws is not None:
                 await io.drain_output()  # the last response must leave before the close
                 await self.ws.close()
+
+    def _release_slot(self, stream_id: int) -> None:
+        is_check = self._slots.pop(stream_id, None)
+        if is_check is not None:
+            self.agent.done(is_check)
 
     def _forget_task(self, task: asyncio.Task[None]) -> None:
         for sid, t in list(self._tasks.items()):

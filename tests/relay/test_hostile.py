@@ -76,3 +76,59 @@ async def test_worker_token_at_the_proxy_and_client_key_at_the_tunnel_are_401(sy
         assert r.status == 401
     async with system.http().get(edge + "/_edge/tunnel", headers=system.auth()) as r:
         assert r.status == 401
+
+
+async def test_slowloris_headers_are_cut_at_the_keepalive_timeout(system: System):
+    _, edge = await system.edge("edge", None, "--keepalive-timeout", "1")
+    host, port = edge.removeprefix("https://").split(":")
+    ctx = ssl.create_default_context(cafile=str(system.pki.ca))
+    reader, writer = await asyncio.open_connection(host, int(port), ssl=ctx, server_hostname="localhost")
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+    closed = False
+    for _ in range(40):  # keep trickling a header byte every 0.1 s; the edge must hang up
+        try:
+            writer.write(b"X")
+            await writer.drain()
+            if await asyncio.wait_for(reader.read(1), 0.1) == b"":
+                closed = True
+                break
+        except TimeoutError:
+            continue
+        except (ConnectionError, ssl.SSLError):
+            closed = True
+            break
+    writer.close()
+    assert closed, "the edge kept a never-ending request head open for 4 s with a 1 s timeout"
+
+
+async def test_stalled_request_body_gets_408_and_frees_the_worker_slot(system: System):
+    _, up = await system.upstream()
+    _, edge = await system.edge("edge", None, "--client-body-timeout", "1")
+    system.agent("w1", edge, up, capacity=1)
+    await system.wait_available(edge, ["w1"])
+    head = (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\nAuthorization: Bearer " +
+            system.pki.client_key.encode() + b"\r\n\r\n")
+    reply = await raw_exchange(system, edge, head + b"only 20 bytes, then.", timeout=10)
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    async with system.http().get(edge + "/", headers=system.auth()) as r:
+        assert r.status == 200  # capacity 1: the slot came back
+
+
+async def test_oversized_and_too_many_headers_and_smuggling_are_400(system: System, stack):
+    _, edge = stack
+    auth_line = b"Authorization: Bearer " + system.pki.client_key.encode() + b"\r\n"
+    cases = {
+        "oversized header": b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n" + auth_line + b"\r\n",
+        "too many headers": b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(300))
+        + auth_line + b"\r\n",
+        "CL and TE": b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n" + auth_line
+        + b"\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        "obs-fold": b"GET / HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\n" + auth_line + b"\r\n",
+    }
+    for name, raw in cases.items():
+        reply = await raw_exchange(system, edge, raw)
+        status = reply.split(b" ", 2)[1] if reply.startswith(b"HTTP/1.") else b""
+        assert status.startswith(b"4"), (name, reply[:200])
+        assert b"/smuggled" not in reply
+    async with system.http().get(edge + "/", headers=system.auth()) as r:
+        assert r.status == 200
