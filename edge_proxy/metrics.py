@@ -3,6 +3,7 @@ edges (tests) can live in one process."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,8 @@ class EdgeMetrics:
         self.workers = Gauge("edge_workers", "Connected workers by pool and health", ["pool", "state"], registry=r)
         self.outstanding = Gauge("edge_outstanding_requests", "Requests in flight to workers", ["pool"], registry=r)
         self.waiting = Gauge("edge_waiting_requests", "Requests queued for a worker slot", ["pool"], registry=r)
+        self.tasks = Gauge("edge_asyncio_tasks", "asyncio tasks alive in the edge process (leak watch)", registry=r)
+        self.tunnels = Gauge("edge_tunnels", "Open worker tunnels", registry=r)
 
     def render(self, reg: Registry) -> bytes:
         """Refresh the gauges that describe current state, then serialise."""
@@ -48,4 +51,6 @@ class EdgeMetrics:
                 self.workers.labels(pool.name, st).set(n)
             self.outstanding.labels(pool.name).set(sum(w.in_flight for w in pool.workers))
             self.waiting.labels(pool.name).set(len(pool.waiters))
+        self.tasks.set(len(asyncio.all_tasks()))
+        self.tunnels.set(sum(len(w.sessions) for w in reg.workers.values()))
         return generate_latest(self.registry)

@@ -1,0 +1,33 @@
+"""Resource samples of local processes for the reliability tools: RSS, open
+file descriptors, and the edge's asyncio task count from its metrics."""
+
+from __future__ import annotations
+
+import os
+import re
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def metric(text: str, name: str) -> float | None:
+    m = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def flat(samples: list[float], tolerance: float) -> tuple[bool, float]:
+    """Whether the last sample stays within `tolerance` (fraction) of the
+    first one after warm-up; returns (ok, relative change)."""
+    if len(samples) < 2 or samples[0] == 0:
+        return True, 0.0
+    change = (samples[-1] - samples[0]) / samples[0]
+    return abs(change) <= tolerance, change
