@@ -112,6 +112,15 @@ class RequestBody:
             yield chunk
 
 
+def undecodable_header(headers: list[tuple[str, str]]) -> str | None:
+    """The name of the first header whose value is not valid UTF-8 (aiohttp
+    keeps such bytes as surrogate escapes, which no HTTP client can send on)."""
+    for name, value in headers:
+        if any("\udc80" <= c <= "\udcff" for c in value):
+            return name
+    return None
+
+
 def request_head(request: web.Request, target: str, request_id: str) -> RequestHead:
     headers = end_to_end(request.headers.items(), EDGE_OWNED)
     host = request.headers.get("Host", "")
@@ -140,6 +149,9 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
         state.metrics.rejections.labels("body_too_large").inc()
         return error_response(413, "body_too_large", f"request body of {request.content_length} bytes exceeds the "
                               f"limit of {cfg.max_body}", request_id, close=True)
+    bad = undecodable_header(list(request.headers.items()))
+    if bad is not None:
+        return error_response(400, "bad_header", f"header {bad!r} has bytes that are not UTF-8", request_id)
     head = request_head(request, target, request_id)
     has_body = request.body_exists
     body = RequestBody(request, cfg.max_body, cfg.replay_buffer, cfg.client_body_timeout)
@@ -227,6 +239,10 @@ async def _exchange(state: EdgeState, request: web.Request, session: EdgeSession
         ok = rhead.status < 500
         worker_timing = [v for n, v in rhead.headers if n.lower() == "server-timing"]
         headers = end_to_end(rhead.headers, RESPONSE_DROP)
+        if (bad := undecodable_header(headers)) is not None:
+            log.warning("request %s: dropping response header %r from worker %s: not UTF-8", request_id, bad,
+                        worker_id)
+            headers = [(n, v) for n, v in headers if undecodable_header([(n, v)]) is None]
         content_length = _content_length(rhead.headers)
         rtt = session.rtt
         extra = [timing_entry("lb", lb), timing_entry("tunnel", tunnel)]

@@ -170,11 +170,13 @@ def decode_fields(block: bytes, max_fields: int) -> list[bytes]:
     return fields
 
 
+# Header values travel as the exact bytes they arrived as: str values hold
+# them decoded as UTF-8 with surrogateescape (as aiohttp decodes them).
 def _encode_headers(headers: Headers) -> list[bytes]:
     out: list[bytes] = []
     for name, value in headers:
-        out.append(name.encode("latin-1"))
-        out.append(value.encode("latin-1"))
+        out.append(name.encode("ascii"))
+        out.append(value.encode("utf-8", "surrogateescape"))
     return out
 
 
@@ -188,12 +190,13 @@ def _decode_headers(fields: list[bytes]) -> Headers:
             raise ProtocolError("invalid header name")
         if _FORBIDDEN_VALUE_BYTES.intersection(value):
             raise ProtocolError("invalid byte in header value")
-        pairs.append((name.decode("latin-1"), value.decode("latin-1")))
+        pairs.append((name.decode("ascii"), value.decode("utf-8", "surrogateescape")))
     return tuple(pairs)
 
 
 def encode_request_head(head: RequestHead) -> bytes:
-    return encode_fields([head.method.encode("ascii"), head.target.encode("latin-1")] + _encode_headers(head.headers))
+    target = head.target.encode("utf-8", "surrogateescape")
+    return encode_fields([head.method.encode("ascii"), target] + _encode_headers(head.headers))
 
 
 def decode_request_head(block: bytes, max_fields: int) -> RequestHead:
@@ -208,7 +211,7 @@ def decode_request_head(block: bytes, max_fields: int) -> RequestHead:
         raise ProtocolError("request target must be in origin form")
     if any(c <= 0x20 or c == 0x7F for c in target):
         raise ProtocolError("invalid byte in request target")
-    return RequestHead(method.decode("ascii"), target.decode("latin-1"), _decode_headers(fields[2:]))
+    return RequestHead(method.decode("ascii"), target.decode("utf-8", "surrogateescape"), _decode_headers(fields[2:]))
 
 
 def encode_response_head(head: ResponseHead) -> bytes:

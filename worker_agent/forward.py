@@ -74,7 +74,7 @@ async def forward(io: TunnelIO, ch: StreamChannel, head: RequestHead, end_stream
         async with http.request(head.method, upstream + head.target, headers=headers, data=data,
                                 allow_redirects=False, auto_decompress=False,
                                 timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            rheaders = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers]
+            rheaders = [(k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in resp.raw_headers]
             timing = [v for n, v in rheaders if n.lower() == "server-timing"]
             out = end_to_end(rheaders, RESPONSE_DROP)
             rlen = resp.content_length

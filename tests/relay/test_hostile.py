@@ -132,3 +132,58 @@ async def test_oversized_and_too_many_headers_and_smuggling_are_400(system: Syst
         assert b"/smuggled" not in reply
     async with system.http().get(edge + "/", headers=system.auth()) as r:
         assert r.status == 200
+
+
+async def test_websocket_upgrade_on_a_proxied_path_never_reaches_a_tunnel(system: System, stack):
+    _, edge = stack
+    from tunnel import Hello
+    from tunnel.frames import FrameType, encode_frame
+
+    fake_frames = encode_frame(FrameType.HELLO, 0, Hello("intruder").encode()) + encode_frame(FrameType.DATA, 1, b"x")
+    # A masked binary WebSocket frame (16-bit length, zero mask key) carrying tunnel frames.
+    ws_frame = b"\x82\xfe" + len(fake_frames).to_bytes(2, "big") + b"\x00\x00\x00\x00" + fake_frames
+    head = (b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer " +
+            system.pki.client_key.encode() + b"\r\n\r\n")
+    reply = await raw_exchange(system, edge, head + ws_frame)
+    assert not reply.startswith(b"HTTP/1.1 101"), reply[:200]
+    workers = await system.workers(edge)
+    assert set(workers) == {"w1"} and workers["w1"]["available"]
+    async with system.http().get(edge + "/", headers=system.auth()) as r:
+        assert r.status == 200
+
+
+async def test_non_utf8_header_bytes_are_handled(system: System, stack):
+    _, edge = stack
+    raw = (b"GET / HTTP/1.1\r\nHost: x\r\nX-Odd: caf\xe9 \xff\xfe\r\nAuthorization: Bearer " +
+           system.pki.client_key.encode() + b"\r\nConnection: close\r\n\r\n")
+    reply = await raw_exchange(system, edge, raw)
+    status = reply.split(b" ", 2)[1] if reply.startswith(b"HTTP/1.") else b""
+    assert status in (b"200", b"400"), reply[:200]
+    async with system.http().get(edge + "/", headers=system.auth()) as r:
+        assert r.status == 200
+
+
+async def test_key_brute_force_is_rate_limited_per_address_and_logged(system: System, stack):
+    _, edge = stack
+    statuses = []
+    for i in range(70):
+        async with system.http().get(edge + "/", headers={"X-API-Key": f"eik_guess{i}"}) as r:
+            statuses.append(r.status)
+    assert set(statuses) <= {401, 429} and 429 in statuses
+    edge_log = next(p for p in system.procs if p.name == "edge").log()
+    assert "too many failed authentications" in edge_log
+
+
+async def test_upstream_crash_mid_response_is_502_and_the_edge_keeps_serving(system: System):
+    _, up1 = await system.upstream("up1")
+    _, up2 = await system.upstream("up2")
+    _, edge = await system.edge()
+    system.agent("w1", edge, up1)
+    system.agent("w2", edge, up2)
+    await system.wait_available(edge, ["w1", "w2"])
+    async with system.http().get(edge + "/crash", headers=system.auth()) as r:
+        assert r.status == 502
+    for _ in range(10):
+        async with system.http().get(edge + "/", headers=system.auth()) as r:
+            assert r.status == 200
