@@ -98,19 +98,22 @@ def wait_workers(t: Topology, key: str, ca: Path, names: list[str], timeout: flo
     raise AssertionError(f"workers {names} never became available\n{t.logs()}")
 
 
-def test_workers_accept_no_inbound_yet_serve_through_the_edge_with_wan_delay_attributed(topo: Topology,
-                                                                                       tmp_path: Path):
-    t = topo
+def start_edge_and_upstream(t: Topology, tmp_path: Path) -> tuple[str, str, Path]:
     pki = tmp_path / "pki"
     files = certs.make_all(pki, ["localhost", EDGE_CLIENT_SIDE, EDGE_ROUTER_SIDE, ROUTER])
     key = auth.create(pki / "keys.json", "client", auth.CLIENT_KEY_PREFIX)
     token = auth.create(pki / "tokens.json", "workers", auth.WORKER_TOKEN_PREFIX)
-    ca = files["ca"]
-
     t.start("upstream", "workers", [PY, str(ROOT / "tests" / "relay" / "upstream.py"), str(UPSTREAM_PORT), "0.0.0.0"])
     t.start("edge", "edge", [PY, "-m", "edge_proxy", "serve", "--listen", "0.0.0.0:8443", "--cert", str(files["cert"]),
                              "--key", str(files["key"]), "--client-keys", str(pki / "keys.json"),
                              "--worker-tokens", str(pki / "tokens.json"), "--rate-limit", "0"])
+    return key, token, files["ca"]
+
+
+def test_workers_accept_no_inbound_yet_serve_through_the_edge_with_wan_delay_attributed(topo: Topology,
+                                                                                       tmp_path: Path):
+    t = topo
+    key, token, ca = start_edge_and_upstream(t, tmp_path)
     t.start("relay", "router", [PY, str(ROOT / "deploy" / "netns" / "delay_relay.py"), f"{ROUTER}:9443",
                                 f"{EDGE_ROUTER_SIDE}:8443", "--delay-ms", "20", "--jitter-ms", "5"])
     for name, edge_addr, pool in (("direct", f"{EDGE_ROUTER_SIDE}:8443", "lan"), ("wan", f"{ROUTER}:9443", "wan")):
@@ -148,3 +151,32 @@ def test_workers_accept_no_inbound_yet_serve_through_the_edge_with_wan_delay_att
     print(f"edge<->worker: lan {net(lan):.2f} ms, wan {net(wan):.2f} ms, added {added:.2f} ms")
     assert 30.0 <= added <= 70.0, f"expected ~40 ms (2 x 20 ms) added to tunnel - agent, got {added:.2f}"
     assert abs(hop(wan, "agent") - hop(lan, "agent")) < 10.0
+
+
+def test_partition_between_edge_and_worker_is_detected_and_healed(topo: Topology, tmp_path: Path):
+    t = topo
+    key, token, ca = start_edge_and_upstream(t, tmp_path)
+    t.start("agent", "workers", [PY, "-m", "worker_agent", "--edge", f"wss://{EDGE_ROUTER_SIDE}:8443/_edge/tunnel",
+                                 "--token", token, "--ca", str(ca), "--upstream", f"http://127.0.0.1:{UPSTREAM_PORT}",
+                                 "--id", "w1"])
+    wait_workers(t, key, ca, ["w1"])
+    link = ["ip", "-n", t.ns("router"), "link", "set", f"{t.p}re"]
+    subprocess.run([*link, "down"], check=True)
+    cut = time.monotonic()
+    # The edge notices the silent tunnel (3 s) and stops routing: a fast 503, no hang.
+    deadline = cut + 8
+    while time.monotonic() < deadline:
+        (res,) = requests(t, f"https://{EDGE_CLIENT_SIDE}:8443/", key, ca, 1)
+        if res["status"] == 503:
+            break
+        time.sleep(0.2)
+    assert res["status"] == 503, res
+    assert time.monotonic() - cut < 3.0 + 3.0  # dead_after plus the probe's own start-up on a loaded machine
+    subprocess.run([*link, "up"], check=True)
+    healed = time.monotonic()
+    wait_workers(t, key, ca, ["w1"], timeout=15)
+    back = time.monotonic() - healed
+    print(f"partition healed; worker back after {back:.2f} s")
+    assert back < 5.0 + 1.0
+    (res,) = requests(t, f"https://{EDGE_CLIENT_SIDE}:8443/", key, ca, 1)
+    assert res["status"] == 200
