@@ -24,6 +24,7 @@ from .registry import NoWorkerAvailable
 
 if TYPE_CHECKING:
     from .app import EdgeState
+    from .registry import Worker
     from .session import EdgeSession
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,8 @@ def undecodable_header(headers: list[tuple[str, str]]) -> str | None:
     """The name of the first header whose value is not valid UTF-8 (aiohttp
     keeps such bytes as surrogate escapes, which no HTTP client can send on)."""
     for name, value in headers:
-        if any("\udc80" <= c <= "\udcff" for c in value):
+        # isascii() is the fast common case; only non-ASCII values are scanned.
+        if not value.isascii() and any("\udc80" <= c <= "\udcff" for c in value):
             return name
     return None
 
@@ -155,8 +157,7 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
     head = request_head(request, target, request_id)
     has_body = request.body_exists
     body = RequestBody(request, cfg.max_body, cfg.replay_buffer, cfg.client_body_timeout)
-    attempt = 0
-    refused_by = None
+    refused_by: Worker | None = None  # set after the first attempt was refused: one retry, elsewhere
     while True:
         t_lb = time.monotonic()
         if refused_by is None:
@@ -181,11 +182,11 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
         try:
             if session is None:
                 raise RetryElsewhere()
-            resp, ok, latency = await _exchange(state, request, session, head, has_body, body, lb, started)
+            resp, ok, latency = await _exchange(state, request, request_id, session, head, has_body, body, lb,
+                                                started)
             return resp
         except RetryElsewhere:
-            if attempt == 0 and (not has_body or body.replayable):
-                attempt += 1
+            if refused_by is None and (not has_body or body.replayable):
                 refused_by = lease.worker
                 state.metrics.retries.labels(pool_name).inc()
                 continue
@@ -195,11 +196,11 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
             lease.release(ok, latency)
 
 
-async def _exchange(state: EdgeState, request: web.Request, session: EdgeSession, head: RequestHead, has_body: bool,
-                    body: RequestBody, lb: float, started: float) -> tuple[web.StreamResponse, bool | None, float | None]:
+async def _exchange(state: EdgeState, request: web.Request, request_id: str, session: EdgeSession, head: RequestHead,
+                    has_body: bool, body: RequestBody, lb: float,
+                    started: float) -> tuple[web.StreamResponse, bool | None, float | None]:
     """One attempt on one worker. Returns (response, ok for outlier detection, latency sample)."""
     cfg = state.config
-    request_id = dict(head.headers)["X-Request-ID"]
     worker_id = session.worker.agent_id if session.worker else "?"
     try:
         ch = session.open_stream(head, end_stream=not has_body)
@@ -264,7 +265,6 @@ async def _exchange(state: EdgeState, request: web.Request, session: EdgeSession
             resp.headers["Server-Timing"] = merge_server_timing(worker_timing, *extra)
             if request.method == "HEAD" and content_length is not None:
                 resp.headers["Content-Length"] = str(content_length)
-            _finish_pump(pump)
             return resp, ok, tunnel
         # Streamed: SSE, chunked or large bodies are flushed as they arrive.
         extra.append(timing_entry("edge", time.monotonic() - started))
@@ -290,7 +290,6 @@ async def _exchange(state: EdgeState, request: web.Request, session: EdgeSession
             return sresp, False, None
         io.release(ch.stream_id)
         await sresp.write_eof()
-        _finish_pump(pump)
         return sresp, ok, tunnel
     except asyncio.CancelledError:
         # The client went away: cancel the stream so the worker cancels the upstream request.
@@ -298,16 +297,11 @@ async def _exchange(state: EdgeState, request: web.Request, session: EdgeSession
         raise
     finally:
         if pump is not None and not pump.done():
+            # The worker answered before the whole body was sent (an early
+            # error), or we gave up: stop uploading and close the stream.
             pump.cancel()
             if ch.stream_id in io.channels or io.conn.is_open(ch.stream_id):
                 io.reset(ch.stream_id, ErrorCode.CANCEL, "request abandoned")
-
-
-def _finish_pump(pump: asyncio.Task[None] | None) -> None:
-    # The worker answered before reading the whole body (e.g. an early error):
-    # stop uploading; the finally clause resets the stream.
-    if pump is not None and not pump.done():
-        pump.cancel()
 
 
 async def _pump_body(io: TunnelIO, ch: StreamChannel, body: RequestBody) -> None:
