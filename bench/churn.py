@@ -113,6 +113,9 @@ async def main() -> int:
     ap.add_argument("--cycles", type=int, default=1000)
     ap.add_argument("--parallel", type=int, default=20)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--warmup-cycles", type=int, default=200,
+                    help="cycles run before the baseline is taken, so allocator and TLS caches reach their "
+                         "working size and only growth beyond it counts")
     a = ap.parse_args()
     rng = random.Random(a.seed)
     work = Path(tempfile.mkdtemp(prefix="churn-"))
@@ -127,9 +130,15 @@ async def main() -> int:
             return "anchor" in await system.workers(edge)
 
         await wait_for(anchored, 10, "the anchor agent")
-        # Warm the edge's code paths once before the baseline.
+        # Warm up with the same kind of churn before the baseline.
         res = Results()
-        await asyncio.gather(*(fake_agent(url, system, f"warm{i}", 0.2, MODES[i % 3], res) for i in range(6)))
+        warm_sem = asyncio.Semaphore(a.parallel)
+
+        async def warm(i: int) -> None:
+            async with warm_sem:
+                await fake_agent(url, system, f"warm{i}", rng.uniform(0.1, 0.8), MODES[i % 3], res)
+
+        await asyncio.gather(*(warm(i) for i in range(max(6, a.warmup_cycles))))
         await asyncio.sleep(DEAD_AFTER + 1)
         base = await edge_sample(system, edge, edge_proc.pid)
         print(f"baseline: {base}", flush=True)
@@ -159,7 +168,8 @@ async def main() -> int:
             async with sem:
                 await fake_agent(url, system, f"churn{i}", rng.uniform(0.1, 0.8), MODES[i % 3], res)
                 if i % 100 == 99:
-                    print(f"  {i + 1} cycles, {time.monotonic() - started:.0f} s", flush=True)
+                    print(f"  {i + 1} cycles, {time.monotonic() - started:.0f} s, edge RSS "
+                          f"{rss_mb(edge_proc.pid):.1f} MB", flush=True)
 
         await asyncio.gather(*(cycle(i) for i in range(a.cycles)))
         stop.set()

@@ -22,6 +22,6 @@ def test_short_soak_loses_nothing_and_stays_flat():
 
 
 def test_short_churn_returns_the_edge_to_baseline():
-    r = run_tool("bench/churn.py", "--cycles", "30", "--parallel", "10")
+    r = run_tool("bench/churn.py", "--cycles", "30", "--parallel", "10", "--warmup-cycles", "10")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "BROKEN" not in r.stdout and "30 cycles" in r.stdout
