@@ -88,6 +88,49 @@ def wait_http(stack: Stack, url: str, timeout: float, what: str, ctx: ssl.SSLCon
     raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def have(module: str) -> bool:
+    """Whether a package's command line exists yet (the demo grows with the code)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def quick_measure(url: str, key: str | None, ca: str, n: int, pool: str | None = None) -> None:
+    """Fallback while `loadtest` is not there: n sequential GETs, per-hop p50/p99."""
+    import asyncio
+    import statistics
+
+    import aiohttp
+
+    async def go() -> dict[str, list[float]]:
+        hops: dict[str, list[float]] = {"client total": []}
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        if pool:
+            headers["X-Pool"] = pool
+        ctx = ssl.create_default_context(cafile=ca)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as http:
+            for _ in range(n):
+                t = time.perf_counter()
+                async with http.get(url, headers=headers) as r:
+                    await r.read()
+                hops["client total"].append((time.perf_counter() - t) * 1000)
+                for part in r.headers.get("Server-Timing", "").split(","):
+                    name, _, dur = part.strip().partition(";dur=")
+                    if dur:
+                        hops.setdefault(name, []).append(float(dur))
+        return hops
+
+    hops = asyncio.run(go())
+    print(f"    {'hop':<14} {'p50 ms':>8} {'p99 ms':>8}")
+    for name, values in hops.items():
+        values.sort()
+        p99 = values[min(len(values) - 1, int(len(values) * 0.99))]
+        print(f"    {name:<14} {statistics.median(values):8.3f} {p99:8.3f}")
+
+
 def run(cmd: list[str]) -> None:
     print("    $ " + " ".join(c if " " not in c else repr(c) for c in cmd[1:] if not c.startswith("eik_")), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
@@ -135,7 +178,21 @@ def main() -> int:
 
         backends = [b for b in args.backends.split(",") if b]
         servers: dict[str, str] = {}
+        if not have("inference.cli"):
+            # Relay-only until the inference servers exist: a trivial upstream.
+            say("no inference package yet: relay-only demo with a trivial upstream")
+            backends = ["relay"]
         for backend in backends:
+            if backend == "relay":
+                port = free_port()
+                servers[backend] = f"http://127.0.0.1:{port}"
+                stack.start("upstream", [PY, str(ROOT / "tests" / "relay" / "upstream.py"), str(port)])
+                stack.start("agent-relay", [PY, "-m", "worker_agent", "--edge",
+                                            f"wss://127.0.0.1:{edge_port}/_edge/tunnel", "--token-file",
+                                            str(state / "worker-token"), "--ca", str(files["ca"]), "--upstream",
+                                            servers[backend], "--pool", "relay", "--capacity", "8", "--id",
+                                            "worker-relay"])
+                continue
             port = free_port()
             servers[backend] = f"http://127.0.0.1:{port}"
             say(f"inference server {backend} on port {port} (efficientnet-lite0; first start converts the weights)")
@@ -158,6 +215,14 @@ def main() -> int:
         wait_http(stack, edge + "/_edge/ready", 60, "every pool at the edge", ctx, ok=pool_ready)
         say("all ready: edge, " + ", ".join(f"pool {b}" for b in backends))
 
+        if not have("loadtest.cli"):
+            say("no loadtest package yet: a quick sequential measurement instead")
+            first = backends[0]
+            print("  direct:")
+            quick_measure(servers[first] + "/", None, str(files["ca"]), args.requests)
+            print("  through the edge:")
+            quick_measure(edge + "/", client_key, str(files["ca"]), args.requests, pool=first)
+            return 0
         lt = [PY, "-m", "loadtest"]
         common = ["--api-key", client_key, "--ca", str(files["ca"])]
         n = str(args.requests)
