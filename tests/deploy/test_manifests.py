@@ -409,11 +409,11 @@ def test_edge_image_requirements_cover_the_edge_imports() -> None:
                           str(ROOT / "pyproject.toml")], capture_output=True, text=True, check=True)
     from importlib.metadata import packages_distributions
 
-    sys.path.insert(0, str(DOCKER))
-    try:
-        from requirements import distribution_name  # type: ignore[import-not-found]
-    finally:
-        sys.path.remove(str(DOCKER))
+    spec = importlib.util.spec_from_file_location("deploy_requirements", DOCKER / "requirements.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    distribution_name = module.distribution_name
     installed = transitive_closure({distribution_name(line) for line in out.stdout.split()}, distribution_name)
     dists = packages_distributions()
     imported: set[str] = set()
