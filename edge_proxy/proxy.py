@@ -21,11 +21,11 @@ from tunnel.headers import end_to_end, merge_server_timing, timing_entry
 
 from .errors import error_response
 from .registry import NoWorkerAvailable
+from .session import EdgeSession, HeadTooLarge
 
 if TYPE_CHECKING:
     from .app import EdgeState
     from .registry import Worker
-    from .session import EdgeSession
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +206,8 @@ async def _exchange(state: EdgeState, request: web.Request, request_id: str, ses
         ch = session.open_stream(head, end_stream=not has_body)
     except StreamError:
         raise RetryElsewhere() from None
+    except HeadTooLarge as exc:
+        return error_response(431, "headers_too_large", str(exc), request_id), None, None
     t_sent = time.monotonic()
     io = session.io
     pump = asyncio.create_task(_pump_body(io, ch, body)) if has_body else None

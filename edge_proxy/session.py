@@ -23,6 +23,7 @@ from tunnel import (
     RequestHead,
     Role,
     StatusReceived,
+    UsageError,
 )
 from tunnel.aio import StreamChannel, StreamError, TunnelIO
 from tunnel.handshake import choose_version
@@ -32,6 +33,10 @@ if TYPE_CHECKING:
     from .registry import Worker
 
 log = logging.getLogger(__name__)
+
+
+class HeadTooLarge(Exception):
+    """The request head does not fit in one tunnel frame."""
 
 
 class EdgeSession:
@@ -55,6 +60,7 @@ class EdgeSession:
         self._hello: asyncio.Future[HelloReceived] = asyncio.get_running_loop().create_future()
         self._draining = False
         self._check_task: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ properties
     @property
@@ -168,7 +174,8 @@ class EdgeSession:
             self.io.close_reason = reason
         if self.worker is not None:
             log.warning("worker %s tunnel %s: %s", self.worker.agent_id, self.tunnel_index, reason)
-        asyncio.get_running_loop().create_task(self.io.close(reason))
+        # Keep a reference: the loop holds tasks only weakly.
+        self._closing = asyncio.get_running_loop().create_task(self.io.close(reason))
         transport = self.request.transport
         if transport is not None:
             transport.abort()
@@ -189,7 +196,12 @@ class EdgeSession:
         except Exception as exc:
             raise StreamError(str(exc), ErrorCode.REFUSED_STREAM, retryable=True) from None
         ch = self.io.register(sid)
-        self.conn.send_request(sid, head, end_stream)
+        try:
+            self.conn.send_request(sid, head, end_stream)
+        except UsageError:
+            self.io.reset(sid, ErrorCode.CANCEL, "head too large")
+            raise HeadTooLarge(f"request head exceeds the tunnel's frame size of "
+                               f"{self.conn.peer_settings.max_frame_size} bytes") from None
         self.io.flush()
         return ch
 

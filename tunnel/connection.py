@@ -236,7 +236,9 @@ class Connection:
         if s is None:
             return
         self._release_recv_credit(s)
-        if self.state is not State.CLOSED:
+        # A stream whose head never left is unknown to the peer: say nothing
+        # (a RESET for it would be a protocol error there).
+        if self.state is not State.CLOSED and (s.head_sent or s.head_received):
             self._emit(FrameType.RESET, stream_id, _U32.pack(code) + _reason(reason))
 
     def acknowledge_received(self, stream_id: int, n: int) -> None:

@@ -187,3 +187,12 @@ async def test_upstream_crash_mid_response_is_502_and_the_edge_keeps_serving(sys
     for _ in range(10):
         async with system.http().get(edge + "/", headers=system.auth()) as r:
             assert r.status == 200
+
+
+async def test_request_head_larger_than_a_tunnel_frame_is_431(system: System, stack):
+    _, edge = stack
+    headers = {f"X-Pad-{i}": "p" * 1000 for i in range(90)}  # ~90 KB: within HTTP limits, over one 64 KiB frame
+    async with system.http().get(edge + "/", headers={**headers, **system.auth()}) as r:
+        assert r.status == 431
+    async with system.http().get(edge + "/", headers=system.auth()) as r:
+        assert r.status == 200

@@ -220,3 +220,14 @@ def test_hello_with_bad_fields_is_refused():
     edge = Connection(Role.EDGE)
     with pytest.raises(ProtocolError):
         edge.receive_data(encode_frame(FrameType.HELLO, 0, b'{"versions":[1],"agent_id":"../etc","capacity":1}'))
+
+
+def test_resetting_a_stream_whose_head_never_left_sends_nothing():
+    edge, agent = pair()
+    sid = edge.open_stream()
+    edge.reset_stream(sid)
+    assert edge.data_to_send() == b""
+    sid2 = edge.open_stream()  # ids may skip: the agent only needs them increasing
+    edge.send_request(sid2, RequestHead("GET", "/"), end_stream=True)
+    (ev,) = pump(edge, agent)
+    assert isinstance(ev, RequestReceived) and ev.stream_id == sid2
