@@ -46,6 +46,7 @@ EDGE_OWNED = frozenset(
         "x-edge-health-check",
         "host",
         "content-length",
+        "expect",  # answered by the edge itself (100-continue); the body then streams normally
     }
 )
 RESPONSE_DROP = frozenset({"content-length", "server-timing", "date", "server"})
