@@ -6,6 +6,7 @@ Frame layout (big endian): type u8 | flags u8 | stream_id u32 | length u32 | pay
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -119,8 +120,10 @@ class FrameDecoder:
 
 Headers = tuple[tuple[str, str], ...]
 
-_TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_FORBIDDEN_VALUE_BYTES = frozenset(b"\r\n\x00")
+# Regexes rather than per-byte Python loops: heads are decoded on every request.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FORBIDDEN_VALUE_BYTES = re.compile(rb"[\r\n\x00]")
+_FORBIDDEN_TARGET_BYTES = re.compile(rb"[\x00-\x20\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,13 +140,16 @@ class ResponseHead:
 
 
 def _is_token(value: bytes) -> bool:
-    return bool(value) and all(c in _TOKEN_CHARS for c in value)
+    return _TOKEN.fullmatch(value) is not None
+
+
+_U16 = struct.Struct("!H")
 
 
 def encode_fields(fields: list[bytes]) -> bytes:
-    out = [struct.pack("!H", len(fields))]
+    out = [_U16.pack(len(fields))]
     for f in fields:
-        out.append(struct.pack("!H", len(f)))
+        out.append(_U16.pack(len(f)))
         out.append(f)
     return b"".join(out)
 
@@ -151,7 +157,7 @@ def encode_fields(fields: list[bytes]) -> bytes:
 def decode_fields(block: bytes, max_fields: int) -> list[bytes]:
     if len(block) < 2:
         raise ProtocolError("truncated header block")
-    (count,) = struct.unpack_from("!H", block, 0)
+    (count,) = _U16.unpack_from(block, 0)
     if count > max_fields:
         raise ProtocolError(f"header block has {count} fields, limit {max_fields}")
     pos = 2
@@ -159,7 +165,7 @@ def decode_fields(block: bytes, max_fields: int) -> list[bytes]:
     for _ in range(count):
         if pos + 2 > len(block):
             raise ProtocolError("truncated header block")
-        (flen,) = struct.unpack_from("!H", block, pos)
+        (flen,) = _U16.unpack_from(block, pos)
         pos += 2
         if pos + flen > len(block):
             raise ProtocolError("truncated header block")
@@ -188,7 +194,7 @@ def _decode_headers(fields: list[bytes]) -> Headers:
         name, value = fields[i], fields[i + 1]
         if not _is_token(name):
             raise ProtocolError("invalid header name")
-        if _FORBIDDEN_VALUE_BYTES.intersection(value):
+        if _FORBIDDEN_VALUE_BYTES.search(value):
             raise ProtocolError("invalid byte in header value")
         pairs.append((name.decode("ascii"), value.decode("utf-8", "surrogateescape")))
     return tuple(pairs)
@@ -209,7 +215,7 @@ def decode_request_head(block: bytes, max_fields: int) -> RequestHead:
     # Only origin-form targets: the agent must never be steered to another host.
     if not target.startswith(b"/") or target.startswith(b"//"):
         raise ProtocolError("request target must be in origin form")
-    if any(c <= 0x20 or c == 0x7F for c in target):
+    if _FORBIDDEN_TARGET_BYTES.search(target):
         raise ProtocolError("invalid byte in request target")
     return RequestHead(method.decode("ascii"), target.decode("utf-8", "surrogateescape"), _decode_headers(fields[2:]))
 
