@@ -74,7 +74,6 @@ class TunnelClient:
         self.io: TunnelIO | None = None
         self.ws: ClientConnection | None = None
         self.connected = asyncio.Event()
-        self.connects = 0
         self._welcome: asyncio.Future[WelcomeReceived] | None = None
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._slots: dict[int, bool] = {}  # stream id -> is a health check, for streams holding a slot
@@ -129,7 +128,9 @@ class TunnelClient:
             compression=None,
             open_timeout=10,
             close_timeout=1,
-            proxy=None,
+            # Honours https_proxy / no_proxy: many networks that block inbound
+            # traffic also force outbound HTTPS through a proxy.
+            proxy=True,
             user_agent_header=f"worker-agent/{__version__}",
         ) as ws:
             self.ws = ws
@@ -153,7 +154,6 @@ class TunnelClient:
                         reader.result()  # raise why it ended
                         raise ConnectionError(io.close_reason or "edge closed the tunnel during the handshake")
                     raise TimeoutError("no WELCOME from the edge within 10 s")
-                self.connects += 1
                 log.info("tunnel %s up (pool %s, capacity %d)", self.name, cfg.pool, cfg.capacity)
                 self.connected.set()
                 self.send_status()
