@@ -30,7 +30,7 @@ async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay
             wait = due - time.monotonic()
             if wait > EARLY:
                 await asyncio.sleep(wait - EARLY)
-            while time.monotonic() < due:
+            while time.monotonic() < due:  # noqa: ASYNC110 - spin the last ms for an exact delay
                 await asyncio.sleep(0)
             writer.write(data)
             await writer.drain()
