@@ -1,0 +1,165 @@
+"""The statistics of a run, as pure functions of plain sequences: HdrHistogram
+percentiles, jitter (PDV, IPDV, RFC 3550 J), stability windows and the knee.
+
+Nothing here reads a clock or does I/O; time is always an argument.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from itertools import pairwise
+
+from hdrh.histogram import HdrHistogram
+
+# Recorded in microseconds: 1 us resolution, up to one hour, 3 significant
+# digits (a relative error of at most 0.1% on every percentile).
+HDR_LOWEST_US = 1
+HDR_HIGHEST_US = 3_600_000_000
+HDR_DIGITS = 3
+
+PERCENTILES: tuple[tuple[str, float], ...] = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p999", 99.9))
+FIELDS = ("p50", "p90", "p99", "p999", "max", "mean")
+
+# The RFC 3550 jitter estimator's gain: J += (|D| - J) / 16.
+RFC3550_GAIN = 1 / 16
+
+
+def histogram(values_ms: Sequence[float]) -> HdrHistogram:
+    """An HdrHistogram of millisecond values, recorded in whole microseconds.
+    Negative values (a derived hop can dip below 0 by rounding) record as 0."""
+    h = HdrHistogram(HDR_LOWEST_US, HDR_HIGHEST_US, HDR_DIGITS)
+    for v in values_ms:
+        h.record_value(min(HDR_HIGHEST_US, max(0, round(v * 1000))))
+    return h
+
+
+def summary(values_ms: Sequence[float]) -> dict[str, float | int | None]:
+    """count, min, p50, p90, p99, p999, max, mean of millisecond values.
+
+    Percentiles come from the HdrHistogram (within 0.1%), clamped into the
+    exact [min, max]; min, max and mean are exact. Empty input gives None
+    for every statistic and count 0."""
+    n = len(values_ms)
+    if n == 0:
+        return {"count": 0, "min": None, **{k: None for k in FIELDS}}
+    lo, hi = min(values_ms), max(values_ms)
+    h = histogram(values_ms)
+    out: dict[str, float | int | None] = {"count": n, "min": _r(lo)}
+    for name, p in PERCENTILES:
+        v = h.get_value_at_percentile(p) / 1000
+        out[name] = _r(min(hi, max(lo, v)))
+    out["max"] = _r(hi)
+    out["mean"] = _r(math.fsum(values_ms) / n)
+    return out
+
+
+def _r(v: float) -> float:
+    return round(v, 4)
+
+
+def pdv(latencies_ms: Sequence[float]) -> list[float]:
+    """Packet delay variation (ITU-T Y.1540 / RFC 5481): each latency minus the minimum."""
+    if not latencies_ms:
+        return []
+    m = min(latencies_ms)
+    return [v - m for v in latencies_ms]
+
+
+def ipdv(latencies_ms: Sequence[float]) -> list[float]:
+    """Inter-packet delay variation (RFC 3393): |L_i - L_(i-1)| for consecutive
+    requests. The caller passes latencies in intended-send order."""
+    return [abs(b - a) for a, b in pairwise(latencies_ms)]
+
+
+def rfc3550_jitter(latencies_ms: Sequence[float]) -> float:
+    """RFC 3550's interarrival jitter J, the running estimate J += (|D| - J)/16
+    with D = L_i - L_(i-1) (a transit-time difference), starting from J = 0.
+    Returns the final J; 0 for fewer than two samples."""
+    j = 0.0
+    for a, b in pairwise(latencies_ms):
+        j += (abs(b - a) - j) * RFC3550_GAIN
+    return j
+
+
+def jitter_summary(latencies_ms: Sequence[float]) -> dict[str, object]:
+    """Jitter of latencies given in intended-send order: PDV percentiles (the
+    JSON's jitter_ms fields), the p99-p50 spread (the headline), IPDV (mean
+    |dL| and percentiles) and RFC 3550's J."""
+    p = summary(pdv(latencies_ms))
+    out: dict[str, object] = {k: p[k] for k in FIELDS}
+    out["count"] = p["count"]
+    if latencies_ms:
+        out["spread_p99_p50"] = _r(float(p["p99"]) - float(p["p50"]))  # type: ignore[arg-type]
+        out["min_latency"] = _r(min(latencies_ms))
+    else:
+        out["spread_p99_p50"] = None
+        out["min_latency"] = None
+    d = ipdv(latencies_ms)
+    out["ipdv"] = summary(d)
+    out["ipdv_mean"] = out["ipdv"]["mean"]  # type: ignore[index]
+    out["rfc3550"] = _r(rfc3550_jitter(latencies_ms)) if len(latencies_ms) > 1 else None
+    return out
+
+
+def windows(start: float, end: float, n: int) -> list[tuple[float, float]]:
+    """`n` equal windows covering [start, end)."""
+    if n <= 0 or end <= start:
+        return []
+    width = (end - start) / n
+    return [(start + i * width, start + (i + 1) * width) for i in range(n)]
+
+
+def within(values: Sequence[float], tolerance: float) -> bool:
+    """Every value within +/- tolerance (a fraction) of their mean."""
+    mean = math.fsum(values) / len(values)
+    if mean == 0:
+        return all(v == 0 for v in values)
+    return all(abs(v - mean) <= tolerance * abs(mean) for v in values)
+
+
+def stability(throughputs: Sequence[float], latencies: Sequence[float], last: int = 3,
+              tolerance: float = 0.10) -> dict[str, object]:
+    """perf_analyzer's criterion: the run is stable when the last `last`
+    windows' throughput and mean latency are each within `tolerance` of their
+    own mean. With fewer windows it says so instead of guessing."""
+    out: dict[str, object] = {"criterion": f"last {last} windows: throughput and mean latency each within "
+                                           f"{tolerance:.0%} of their mean", "windows": len(throughputs)}
+    if len(throughputs) < last or len(latencies) < last:
+        out.update(stable=None, reason=f"only {len(throughputs)} windows, need {last}")
+        return out
+    t_ok = within(throughputs[-last:], tolerance)
+    l_ok = within(latencies[-last:], tolerance)
+    out["stable"] = t_ok and l_ok
+    reasons = []
+    if not t_ok:
+        reasons.append("throughput varies by more than " + f"{tolerance:.0%}")
+    if not l_ok:
+        reasons.append("mean latency varies by more than " + f"{tolerance:.0%}")
+    out["reason"] = "; ".join(reasons) if reasons else "ok"
+    return out
+
+
+def find_knee(points: Sequence[tuple[float, float, float]], min_ratio: float = 0.9,
+              latency_factor: float = 3.0) -> dict[str, object]:
+    """The knee of a sweep: `points` are (offered rate, achieved throughput, p99
+    latency ms). A rate is sustained when its throughput is at least
+    `min_ratio` of the offered rate and its p99 at most `latency_factor` times
+    the p99 at the lowest rate. The knee is the highest rate such that it and
+    every lower rate is sustained; `saturated_at_rps` the first rate that is not."""
+    pts = sorted(points)
+    if not pts:
+        return {"knee_rps": None, "saturated_at_rps": None, "reason": "no points"}
+    base = pts[0][2]
+    knee: float | None = None
+    for rate, thr, p99 in pts:
+        why = None
+        if thr < min_ratio * rate:
+            why = f"throughput {thr:.1f} req/s is below {min_ratio:.0%} of the offered {rate:g} req/s"
+        elif base > 0 and p99 > latency_factor * base:
+            why = f"p99 {p99:.1f} ms is more than {latency_factor:g}x the {base:.1f} ms at {pts[0][0]:g} req/s"
+        if why is not None:
+            return {"knee_rps": knee, "saturated_at_rps": rate, "reason": f"at {rate:g} req/s {why}"}
+        knee = rate
+    return {"knee_rps": knee, "saturated_at_rps": None,
+            "reason": f"every rate up to {knee:g} req/s was sustained; the knee lies beyond the sweep"}
