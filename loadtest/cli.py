@@ -236,8 +236,8 @@ def run_command(a: argparse.Namespace) -> int:
     if res["cause"]:
         err(("error: " if res["ok"] == 0 else "warning: ") + res["cause"])
     if res["ok"] == 0:
-        if not res["requests"]:
-            err("error: no request completed")
+        if not res["cause"]:
+            err("error: no request succeeded")
         return 1
     return 0
 

@@ -81,6 +81,9 @@ def analyse(run: Run) -> dict[str, Any]:
     ok = [r for r in measured if r.ok]
     failed = [r for r in measured if not r.ok]
     errors = Counter(r.error or "?" for r in failed)
+    # A run that failed in its warm-up still owes the reader a cause.
+    warm_errors = Counter(r.error or "?" for r in run.records if r.warmup and not r.ok)
+    why = errors if errors or ok else warm_errors
     status = Counter(str(r.status) for r in measured if r.status)
 
     latency = [r.latency_ms for r in ok]
@@ -123,7 +126,9 @@ def analyse(run: Run) -> dict[str, Any]:
         "error_rate": round(len(failed) / len(measured), 6) if measured else None,
         "error_kinds": dict(errors.most_common()),
         "error_details": {k: run.details.get(k, "") for k in errors},
-        "cause": cause(errors, run.details, len(measured), cfg),
+        "cause": cause(why, run.details, len(measured) if why is errors else sum(why.values()) + sum(
+            1 for r in run.records if r.warmup and r.ok), cfg),
+        "warmup_errors": sum(warm_errors.values()),
         "aborted": run.aborted,
         "cancelled_in_flight": run.cancelled_in_flight,
         "warmup_requests": len(run.records) - len(measured),
@@ -320,6 +325,8 @@ def print_summary(res: dict[str, Any], console: Console) -> None:
     st = res["stability"]
     verdict = {True: "stable", False: "NOT stable", None: "not judged"}[st.get("stable")]
     console.print(f"stability: {verdict} ({st.get('reason')}; {st['criterion']})", highlight=False)
+    if res.get("error_kinds"):
+        console.print("errors: " + ", ".join(f"{k} x{v}" for k, v in res["error_kinds"].items()), highlight=False)
     if res["status_counts"]:
         console.print("status: " + ", ".join(f"{k} x{v}" for k, v in res["status_counts"].items()), highlight=False)
     if res.get("labels"):

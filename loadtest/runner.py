@@ -271,6 +271,9 @@ def _error_kind(exc: BaseException) -> tuple[str, str]:
         inner = getattr(exc, "certificate_error", None) or getattr(exc, "os_error", None) or exc
         return "tls", str(getattr(inner, "verify_message", None) or getattr(inner, "reason", None) or inner)
     if isinstance(exc, aiohttp.ClientConnectorError):
+        errno = exc.os_error.errno
+        if isinstance(errno, int) and errno > 0:
+            return "connect", f"{os.strerror(errno)} ({exc.host}:{exc.port})"
         return "connect", exc.strerror or str(exc.os_error)
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return "timeout", "no complete answer in time"

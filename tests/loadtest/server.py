@@ -9,7 +9,9 @@ answers. Run: python server.py PORT [--tls CERT KEY].
 /photo      POST image bytes -> the inference server's JSON; label = the
             first 8 hex digits of the body's SHA-256 (?bad=1: not JSON)
 /co         ?key=K&stall_at=N&stall_ms=M: the Nth request of key K blocks
-            the whole process for M ms (a GC pause, a stuck event loop)
+            the whole process for M ms (a GC pause, a stuck event loop);
+            stall_after=S instead: the first request S seconds after key K's first
+/flaky      ?key=K&every=N: every Nth request of key K answers 503
 /status/N   answers N with the edge's JSON error shape
 /trivial    "ok"; /healthz "ok"
 """
@@ -32,6 +34,8 @@ CHAIN = (("lb", 1.0), ("edge_internal", 1.0), ("net_edge_worker", 3.0), ("agent_
 INFERENCE = ("decode", "preprocess", "queue", "infer", "postprocess")
 
 counters: dict[str, int] = {}
+firsts: dict[str, float] = {}
+stalled: set[str] = set()
 
 
 def entry(name: str, ms: float) -> str:
@@ -81,8 +85,23 @@ async def photo(request: web.Request) -> web.Response:
 async def co(request: web.Request) -> web.Response:
     key = request.query.get("key", "")
     n = counters[key] = counters.get(key, 0) + 1
-    if n == int(request.query.get("stall_at", "0")):
+    first = firsts.setdefault(key, time.monotonic())
+    after = request.query.get("stall_after")
+    if after is not None:
+        due = time.monotonic() - first >= float(after) and key not in stalled
+    else:
+        due = n == int(request.query.get("stall_at", "0"))
+    if due:
+        stalled.add(key)
         time.sleep(float(request.query.get("stall_ms", "1000")) / 1000)  # noqa: ASYNC251 -- blocks everything, on purpose
+    return web.Response(text="ok")
+
+
+async def flaky(request: web.Request) -> web.Response:
+    key = "flaky:" + request.query.get("key", "")
+    n = counters[key] = counters.get(key, 0) + 1
+    if n % int(request.query.get("every", "5")) == 0:
+        return web.json_response({"error": "test", "detail": "flaky on purpose"}, status=503)
     return web.Response(text="ok")
 
 
@@ -100,6 +119,7 @@ def make_app() -> web.Application:
     app.router.add_get("/chain", chain)
     app.router.add_post("/photo", photo)
     app.router.add_get("/co", co)
+    app.router.add_get("/flaky", flaky)
     app.router.add_get("/status/{code}", status)
     app.router.add_get("/trivial", trivial)
     app.router.add_get("/healthz", trivial)
