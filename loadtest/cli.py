@@ -213,24 +213,33 @@ def _write(path: str, text: str) -> None:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=True, width=max(100, Console().width))
+
+
 def run_command(a: argparse.Namespace) -> int:
     cfg = config_from_args(a)
     if cfg.sweep:
         cfg.rate = cfg.sweep[0]
     if cfg.insecure:
         err("warning: --insecure: the server's TLS certificate is NOT verified")
+    for path in (a.json, a.html):
+        if path:
+            parent = Path(path).resolve().parent
+            if not parent.is_dir() or not os.access(parent, os.W_OK):
+                raise UsageError(f"cannot write {path}: {parent} is not a writable directory")
     show = not a.quiet and sys.stderr.isatty()
     res = asyncio.run(_measure(cfg, show, a.records))
     run: Run = res.pop("_run")
     res["machine"] = machine()
-    out = Console(highlight=False, soft_wrap=True, width=max(100, Console().width))
-    report.print_summary(res, out)
+    # Files first: a closed stdout (| head) must not lose them.
     if a.json:
         _write(a.json, json.dumps(res, indent=1, default=str) + "\n")
     if a.html:
         from .htmlreport import render
 
         _write(a.html, render(res, run))
+    report.print_summary(res, _console())
     if res.get("aborted"):
         err(res["aborted"])
     if res["cause"]:
@@ -257,13 +266,13 @@ def _load(path: str) -> dict[str, Any]:
 def compare_command(a: argparse.Namespace) -> int:
     results = [_load(f) for f in a.files]
     names = [r.get("label") or Path(f).stem for r, f in zip(results, a.files, strict=True)]
-    report.print_compare(results, names, Console(highlight=False, soft_wrap=True, width=max(100, Console().width)))
+    report.print_compare(results, names, _console())
     return 0
 
 
 def report_command(a: argparse.Namespace) -> int:
     res = _load(a.file)
-    report.print_summary(res, Console(highlight=False, soft_wrap=True, width=max(100, Console().width)))
+    report.print_summary(res, _console())
     if a.html:
         from .htmlreport import render
 
@@ -285,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err("interrupted")
         return 130
+
     except Exception as exc:  # the promise is one line, never a traceback
         if os.environ.get("LOADTEST_DEBUG"):
             raise

@@ -269,7 +269,10 @@ def _detail(body: bytes) -> str:
 def _error_kind(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError, ssl.SSLError)):
         inner = getattr(exc, "certificate_error", None) or getattr(exc, "os_error", None) or exc
-        return "tls", str(getattr(inner, "verify_message", None) or getattr(inner, "reason", None) or inner)
+        verify = getattr(inner, "verify_message", None)
+        if verify:
+            return "tls", f"certificate verify failed: {verify}"
+        return "tls", str(getattr(inner, "reason", None) or inner)
     if isinstance(exc, aiohttp.ClientConnectorError):
         errno = exc.os_error.errno
         if isinstance(errno, int) and errno > 0:

@@ -11,6 +11,7 @@ answers. Run: python server.py PORT [--tls CERT KEY].
 /co         ?key=K&stall_at=N&stall_ms=M: the Nth request of key K blocks
             the whole process for M ms (a GC pause, a stuck event loop);
             stall_after=S instead: the first request S seconds after key K's first
+/count      ?key=K: how many /co requests key K has had
 /flaky      ?key=K&every=N: every Nth request of key K answers 503
 /status/N   answers N with the edge's JSON error shape
 /trivial    "ok"; /healthz "ok"
@@ -97,6 +98,10 @@ async def co(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
+async def count(request: web.Request) -> web.Response:
+    return web.Response(text=str(counters.get(request.query.get("key", ""), 0)))
+
+
 async def flaky(request: web.Request) -> web.Response:
     key = "flaky:" + request.query.get("key", "")
     n = counters[key] = counters.get(key, 0) + 1
@@ -120,6 +125,7 @@ def make_app() -> web.Application:
     app.router.add_post("/photo", photo)
     app.router.add_get("/co", co)
     app.router.add_get("/flaky", flaky)
+    app.router.add_get("/count", count)
     app.router.add_get("/status/{code}", status)
     app.router.add_get("/trivial", trivial)
     app.router.add_get("/healthz", trivial)
