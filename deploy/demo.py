@@ -197,7 +197,8 @@ def main() -> int:
             servers[backend] = f"http://127.0.0.1:{port}"
             say(f"inference server {backend} on port {port} (efficientnet-lite0; first start converts the weights)")
             stack.start(f"infer-{backend}", [PY, "-m", "inference", "serve", "--host", "127.0.0.1", "--port", str(port),
-                                             "--backend", backend, "--model", "efficientnet-lite0"])
+                                             "--backend", backend, "--model", "efficientnet-lite0",
+                                             "--cache-dir", str(state / "model-cache")])
             stack.start(f"agent-{backend}", [PY, "-m", "worker_agent", "--edge",
                                              f"wss://127.0.0.1:{edge_port}/_edge/tunnel", "--token-file",
                                              str(state / "worker-token"), "--ca", str(files["ca"]), "--upstream",
