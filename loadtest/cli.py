@@ -142,7 +142,7 @@ def _progress_text(run: Run, title: str) -> Text:
     recent.sort()
     line = f"{title}  {now:5.1f} s"
     if p.planned:
-        line += f" / {p.planned:.0f} s ({max(0.0, p.planned - now):.0f} s left)"
+        line += f" / {p.planned:.1f} s ({max(0.0, p.planned - now):.1f} s left)"
     if p.planned_requests:
         line += f"  measured target {p.planned_requests}"
     line += f"  done {p.completed}  rate {len(recent)}/s"

@@ -226,10 +226,11 @@ def _distribution(latency: Sequence[float], pdv: Sequence[float]) -> dict[str, A
     lo, hi = min(latency), max(latency)
 
     def cdf(hist: Any, vmin: float, vmax: float) -> list[list[float]]:
-        return [[p, _ms(min(vmax, max(vmin, hist.get_value_at_percentile(p) / 1000)))] for p in CDF_PERCENTILES]
+        at = stats.percentiles(hist, CDF_PERCENTILES)
+        return [[p, _ms(min(vmax, max(vmin, at[p])))] for p in CDF_PERCENTILES]
 
     # Histogram up to the p99.9 so one outlier does not squash the shape.
-    top = min(hi, h.get_value_at_percentile(99.9) / 1000)
+    top = min(hi, stats.percentiles(h, [99.9])[99.9])
     width = (top - lo) / HISTOGRAM_BINS if top > lo else 1.0
     counts = [0] * HISTOGRAM_BINS
     beyond = 0

@@ -56,7 +56,10 @@ async def test_open_loop_at_500_per_second_keeps_its_schedule(server: str):
     assert res["send_rate_rps"] == pytest.approx(500, rel=0.05)
     assert res["throughput_rps"] == pytest.approx(500, rel=0.05)
     lag = res["late_sends"]["lag_ms"]
-    assert lag["p99"] < 30, lag  # the bench holds it to 1 ms; tests only catch a broken pacer
+    # The bench holds the p99 to 1 ms; a test on a shared 2-core box only
+    # catches a broken pacer: the median must be tight, the tail bounded.
+    assert lag["p50"] < 5, lag
+    assert lag["p99"] < 50, lag
     assert res["latency_ms"]["count"] == 1500
     # Every measured request kept its intended time: i / rate.
     intended = sorted(r.intended for r in run.records)
