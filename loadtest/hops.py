@@ -6,6 +6,8 @@ All durations are milliseconds. Pure functions.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterable, Mapping
 
 # Entries of the timing contract, outermost hop last.
@@ -52,6 +54,10 @@ def _split_entries(value: str) -> list[str]:
     return parts
 
 
+_ENTRY_DUR = re.compile(r"(?:^|,)\s*([^\s,;=]+)\s*;[^,]*?(?<![^\s;])dur\s*=\s*([0-9.eE+-]+)\s*(?=[,;]|$)",
+                        re.IGNORECASE)
+
+
 def parse_server_timing(values: Iterable[str]) -> dict[str, float]:
     """name -> dur (ms) from one or more `Server-Timing` header values (W3C:
     `name;dur=12.3;desc="..."`, comma separated). Entries without a numeric
@@ -59,14 +65,22 @@ def parse_server_timing(values: Iterable[str]) -> dict[str, float]:
     appends after the inner ones)."""
     out: dict[str, float] = {}
     for value in values:
-        if "," not in value and '"' not in value:
-            entries = [value]
-        else:
-            entries = _split_entries(value)
-        for entry in entries:
-            name, _, params = entry.strip().partition(";")
+        if '"' not in value:
+            # The common case, in one regex pass: name, then within the same
+            # entry (no comma) a dur parameter.
+            for name, dur in _ENTRY_DUR.findall(value):
+                try:
+                    d = float(dur)
+                except ValueError:
+                    continue
+                if math.isfinite(d):
+                    out[name] = d
+            continue
+        # Quotes (in desc="...") may hide commas and semicolons: split with care.
+        for entry in _split_entries(value):
+            name, _, params = entry.partition(";")
             name = name.strip()
-            if not name:
+            if not name or "dur" not in params.lower():
                 continue
             for param in params.split(";"):
                 key, _, val = param.strip().partition("=")

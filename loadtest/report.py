@@ -28,13 +28,17 @@ def _ms(x: float) -> float:
 
 
 def record_hops(r: Record) -> dict[str, float]:
-    """Every hop of one request: client phases, Server-Timing entries, derived hops."""
+    """Every hop of one request: client phases, Server-Timing entries, derived
+    hops. Computed after the run (keeping the hot path lean), once."""
+    if r.hops is not None:
+        return r.hops
     h: dict[str, float] = {}
     if r.timing is not None:
         h.update(r.timing.phases())
     if r.server_timing:
         h.update(hoplib.parse_server_timing([r.server_timing]))
     h.update(hoplib.derive(h))
+    r.hops = h
     return h
 
 

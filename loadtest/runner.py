@@ -137,7 +137,7 @@ class Record:
     """One request. Times are seconds from the run's start."""
 
     __slots__ = ("seq", "intended", "sent", "done", "status", "error", "ok", "timing", "server_timing", "label",
-                 "warmup")
+                 "warmup", "hops")
 
     def __init__(self, seq: int, intended: float, warmup: bool) -> None:
         self.seq = seq
@@ -151,6 +151,7 @@ class Record:
         self.server_timing: str | None = None
         self.label: str | None = None
         self.warmup = warmup
+        self.hops: dict[str, float] | None = None  # computed after the run, by report.record_hops
 
     @property
     def latency_ms(self) -> float:

@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 from itertools import pairwise
 
+import numpy as np
 from hdrh.histogram import HdrHistogram
 
 # Recorded in microseconds: 1 us resolution, up to one hour, 3 significant
@@ -17,6 +18,7 @@ from hdrh.histogram import HdrHistogram
 HDR_LOWEST_US = 1
 HDR_HIGHEST_US = 3_600_000_000
 HDR_DIGITS = 3
+SUB_BUCKET_BITS = 11  # 3 significant digits -> 2048 sub-buckets per bucket
 
 PERCENTILES: tuple[tuple[str, float], ...] = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p999", 99.9))
 FIELDS = ("p50", "p90", "p99", "p999", "max", "mean")
@@ -27,10 +29,22 @@ RFC3550_GAIN = 1 / 16
 
 def histogram(values_ms: Sequence[float]) -> HdrHistogram:
     """An HdrHistogram of millisecond values, recorded in whole microseconds.
-    Negative values (a derived hop can dip below 0 by rounding) record as 0."""
+    Negative values (a derived hop can dip below 0 by rounding) record as 0.
+
+    Values are first folded onto the histogram's own resolution (its lowest
+    equivalent value: 2048 sub-buckets, i.e. the top 11 bits kept) and
+    counted with numpy, so a run of a million requests costs a few thousand
+    `record_value` calls instead of a million. The result is identical."""
     h = HdrHistogram(HDR_LOWEST_US, HDR_HIGHEST_US, HDR_DIGITS)
-    for v in values_ms:
-        h.record_value(min(HDR_HIGHEST_US, max(0, round(v * 1000))))
+    if len(values_ms) == 0:
+        return h
+    us = np.clip(np.rint(np.asarray(values_ms, dtype=np.float64) * 1000), 0, HDR_HIGHEST_US).astype(np.int64)
+    _, bits = np.frexp(us.astype(np.float64))  # the exponent is the bit length: exact
+    shift = np.maximum(0, bits.astype(np.int64) - SUB_BUCKET_BITS)
+    folded = (us >> shift) << shift
+    values, counts = np.unique(folded, return_counts=True)
+    for v, c in zip(values.tolist(), counts.tolist(), strict=True):
+        h.record_value(v, c)
     return h
 
 

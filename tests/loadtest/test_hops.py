@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from loadtest import hops
@@ -25,6 +27,25 @@ def test_skips_entries_without_dur_and_handles_quoted_commas_and_params():
 
 def test_garbage_does_not_raise():
     assert hops.parse_server_timing(["", ";;;", "x;dur=abc", "y;dur=nan", ",,,", 'z;desc="unterminated']) == {}
+
+
+def test_the_fast_and_the_careful_parsers_agree():
+    # Unquoted values take a regex; quoted ones a character-by-character
+    # split. A desc="" with nothing in it forces the careful path on the
+    # same entries.
+    rng = random.Random(5)
+    names = ["app", "infer", "edge", "db", "x-y", "cache"]
+    for _ in range(500):
+        entries = []
+        for _ in range(rng.randint(0, 6)):
+            name = rng.choice(names)
+            params = rng.choice(["", ";dur=1.5", ";desc=x;dur=2", ";dur=3;desc=y", ";dur=bad", ";DUR=4e1", ";xdur=5",
+                                 " ; dur = 6 ", ";dur=1e999"])
+            entries.append(name + params)
+        value = ", ".join(entries)
+        fast = hops.parse_server_timing([value])
+        careful = hops.parse_server_timing([value + ', q;desc=""'])
+        assert fast == careful, value
 
 
 def test_a_repeated_name_takes_the_last_entry():
