@@ -95,9 +95,10 @@ class RequestTiming:
                  "tcp_connected", "reused", "headers_sent", "body_sent", "response_start", "done", "https")
 
     def __init__(self) -> None:
-        self.start = self.queued_start = self.queued_end = self.create_start = self.create_end = None
-        self.dns_start = self.dns_end = self.tcp_connected = self.reused = None
-        self.headers_sent = self.body_sent = self.response_start = self.done = None
+        none: float | None = None
+        self.start = self.queued_start = self.queued_end = self.create_start = self.create_end = none
+        self.dns_start = self.dns_end = self.tcp_connected = self.reused = none
+        self.headers_sent = self.body_sent = self.response_start = self.done = none
         self.https = False
 
     def phases(self) -> dict[str, float]:
@@ -262,8 +263,9 @@ def _detail(body: bytes) -> str:
         return " ".join(text.split())[:160]
     if isinstance(data, dict):
         for k in ("detail", "message", "error"):
-            if isinstance(data.get(k), str):
-                return data[k][:160]
+            v = data.get(k)
+            if isinstance(v, str):
+                return v[:160]
     return " ".join(text.split())[:160]
 
 

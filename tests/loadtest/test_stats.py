@@ -3,6 +3,8 @@ RFC 3550 J, stability windows and the knee."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from loadtest import stats
@@ -133,3 +135,19 @@ def test_knee_beyond_the_sweep_and_already_saturated():
     assert stats.find_knee([(10, 10, 1.0), (20, 20, 1.1)])["saturated_at_rps"] is None
     k = stats.find_knee([(1000, 300, 50.0), (2000, 310, 90.0)])
     assert k["knee_rps"] is None and k["saturated_at_rps"] == 1000
+
+
+def test_the_folded_histogram_equals_recording_every_value():
+    # stats.histogram counts values with numpy after folding them onto the
+    # histogram's resolution; it must give what one record_value per value gives.
+    from hdrh.histogram import HdrHistogram
+
+    rng = random.Random(11)
+    values = [rng.lognormvariate(1.5, 1.8) for _ in range(20000)] + [0.0, 0.0004, 2.047, 2.048, 4.095, -1.0, 3.5e6]
+    naive = HdrHistogram(stats.HDR_LOWEST_US, stats.HDR_HIGHEST_US, stats.HDR_DIGITS)
+    for v in values:
+        naive.record_value(min(stats.HDR_HIGHEST_US, max(0, round(v * 1000))))
+    folded = stats.histogram(values)
+    ps = [0, 0.1, 1, 10, 25, 50, 75, 90, 99, 99.9, 99.99, 100]
+    assert folded.get_percentile_to_value_dict(ps) == naive.get_percentile_to_value_dict(ps)
+    assert folded.get_total_count() == naive.get_total_count()
