@@ -11,6 +11,7 @@ answers. Run: python server.py PORT [--tls CERT KEY].
 /co         ?key=K&stall_at=N&stall_ms=M: the Nth request of key K blocks
             the whole process for M ms (a GC pause, a stuck event loop);
             stall_after=S instead: the first request S seconds after key K's first
+/echo-headers ?key=K: remembers each request's headers; /seen?key=K lists them
 /count      ?key=K: how many /co requests key K has had
 /flaky      ?key=K&every=N: every Nth request of key K answers 503
 /status/N   answers N with the edge's JSON error shape
@@ -37,6 +38,7 @@ INFERENCE = ("decode", "preprocess", "queue", "infer", "postprocess")
 counters: dict[str, int] = {}
 firsts: dict[str, float] = {}
 stalled: set[str] = set()
+seen: dict[str, list[dict[str, str]]] = {}
 
 
 def entry(name: str, ms: float) -> str:
@@ -98,6 +100,15 @@ async def co(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
+async def echo_headers(request: web.Request) -> web.Response:
+    seen.setdefault(request.query.get("key", ""), []).append(dict(request.headers))
+    return web.Response(text="ok")
+
+
+async def seen_headers(request: web.Request) -> web.Response:
+    return web.json_response(seen.get(request.query.get("key", ""), []))
+
+
 async def count(request: web.Request) -> web.Response:
     return web.Response(text=str(counters.get(request.query.get("key", ""), 0)))
 
@@ -126,6 +137,8 @@ def make_app() -> web.Application:
     app.router.add_get("/co", co)
     app.router.add_get("/flaky", flaky)
     app.router.add_get("/count", count)
+    app.router.add_route("*", "/echo-headers", echo_headers)
+    app.router.add_get("/seen", seen_headers)
     app.router.add_get("/status/{code}", status)
     app.router.add_get("/trivial", trivial)
     app.router.add_get("/healthz", trivial)

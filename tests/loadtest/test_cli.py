@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from loadtest import stats
+from loadtest.runner import SAMPLES
 from tests.harness import PY, ROOT
 from tests.loadtest.conftest import TlsServer, loadtest
 
@@ -68,14 +69,34 @@ def test_ping_writes_json_with_every_contract_field_and_a_self_contained_html(se
         assert f'id="{plot}"' in again.read_text(), plot
 
 
-def test_api_key_and_pool_are_sent_and_the_key_is_not_stored(server: str, tmp_path: Path):
+def test_api_key_pool_and_request_ids_are_sent_and_the_key_is_not_stored(server: str, tmp_path: Path):
     out = tmp_path / "k.json"
-    r = loadtest("ping", "--url", server + "/trivial", "--concurrency", "1", "--requests", "3", "--warmup", "0",
-                 "--api-key", "secret-key-123", "--pool", "gpu", "--json", str(out))
+    key = uuid.uuid4().hex
+    r = loadtest("ping", "--url", f"{server}/echo-headers?key={key}", "--concurrency", "2", "--requests", "6",
+                 "--warmup", "0", "--api-key", "secret-key-123", "--pool", "gpu", "--json", str(out))
     assert r.returncode == 0, r.stderr
     text = out.read_text()
     assert "secret-key-123" not in text
     assert json.loads(text)["config"]["pool"] == "gpu"
+    with urllib.request.urlopen(f"{server}/seen?key={key}", timeout=5) as resp:
+        seen = json.loads(resp.read())
+    assert len(seen) == 6
+    assert all(h["Authorization"] == "Bearer secret-key-123" and h["X-Pool"] == "gpu" for h in seen)
+    ids = [h["X-Request-ID"] for h in seen]
+    assert len(set(ids)) == 6 and all(i.startswith("lt-") for i in ids)
+
+
+def test_classify_posts_raw_image_bytes_and_refuses_answers_that_are_not_classifications(server: str):
+    key = uuid.uuid4().hex
+    r = loadtest("classify", "--url", f"{server}/echo-headers?key={key}", "--concurrency", "1", "--requests", "3",
+                 "--warmup", "0", "--keep-going")
+    assert r.returncode == 1
+    assert "bad answer" in r.stdout and "POST /photo" in r.stderr
+    with urllib.request.urlopen(f"{server}/seen?key={key}", timeout=5) as resp:
+        seen = json.loads(resp.read())
+    sizes = {p.stat().st_size for p in SAMPLES.glob("*.jpg")}
+    assert len(seen) == 3
+    assert all(h["Content-Type"] == "image/jpeg" and int(h["Content-Length"]) in sizes for h in seen)
 
 
 def test_sweep_draws_the_curve_and_reports_the_knee(server: str, tmp_path: Path):
