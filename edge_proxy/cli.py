@@ -15,6 +15,8 @@ from dataclasses import replace
 
 from aiohttp import web
 
+from tunnel import eventloop as loop
+
 from . import auth, certs
 from .app import drain, make_app
 from .config import EdgeConfig
@@ -103,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         env = "EDGE_" + name.upper().replace("-", "_")
         s.add_argument(f"--{name}", type=typ, default=typ(_env(env, default)), help=f"{text} ({env})")
     s.add_argument("--log-level", default=_env("EDGE_LOG_LEVEL", "info"), help="debug|info|warning (EDGE_LOG_LEVEL)")
+    s.add_argument("--loop", choices=loop.CHOICES, default=_env("EDGE_LOOP", "auto"),
+                   help="event loop: auto picks uvloop when installed (EDGE_LOOP)")
     return p
 
 
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(serve(config_from_args(args), args.insecure_http))
+        loop.run(serve(config_from_args(args), args.insecure_http), args.loop)
     except SystemExit as exc:
         if isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)

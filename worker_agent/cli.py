@@ -12,6 +12,8 @@ import socket
 import sys
 from pathlib import Path
 
+from tunnel import eventloop as loop
+
 from .agent import Agent
 from .config import AgentConfig
 
@@ -54,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dead-after", type=float, default=float(e("AGENT_DEAD_AFTER", d.dead_after)),
                    help="an edge silent this long is dead; reconnect (AGENT_DEAD_AFTER)")
     p.add_argument("--log-level", default=e("AGENT_LOG_LEVEL", "info"), help="debug|info|warning (AGENT_LOG_LEVEL)")
+    p.add_argument("--loop", choices=loop.CHOICES, default=e("AGENT_LOOP", "auto"),
+                   help="event loop: auto picks uvloop when installed (AGENT_LOOP)")
     return p
 
 
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(run(config_from_args(args)))
+        loop.run(run(config_from_args(args)), args.loop)
     except SystemExit as exc:
         if isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)

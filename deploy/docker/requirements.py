@@ -13,7 +13,7 @@ from pathlib import Path
 # The edge and the agent import only these; everything else (numpy, OpenCV, ONNX,
 # weights) is for the inference server, and keeping it out of the edge image keeps
 # the public-facing container small and its attack surface low.
-EDGE_DISTRIBUTIONS = frozenset({"aiohttp", "websockets", "cryptography", "prometheus-client"})
+EDGE_DISTRIBUTIONS = frozenset({"aiohttp", "websockets", "cryptography", "prometheus-client", "uvloop"})
 
 
 def distribution_name(requirement: str) -> str:

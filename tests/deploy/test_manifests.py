@@ -414,7 +414,8 @@ def test_edge_image_requirements_cover_the_edge_imports() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     distribution_name = module.distribution_name
-    installed = transitive_closure({distribution_name(line) for line in out.stdout.split()}, distribution_name)
+    installed = transitive_closure({distribution_name(line) for line in out.stdout.splitlines() if line.strip()},
+                                   distribution_name)
     dists = packages_distributions()
     imported: set[str] = set()
     for package in ("tunnel", "edge_proxy"):

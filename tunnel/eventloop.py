@@ -1,0 +1,25 @@
+"""Which asyncio event loop runs the edge and the agent (part of the asyncio
+shell, like `aio.py`): uvloop when it is installed, since the relay is
+CPU-bound in the loop, TLS and WebSocket framing (see docs/benchmarks.md),
+else the standard one."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+CHOICES = ("auto", "uvloop", "asyncio")
+
+
+def run(main: Coroutine[Any, Any, T], loop: str = "auto") -> T:
+    if loop == "uvloop" or (loop == "auto" and importlib.util.find_spec("uvloop") is not None):
+        try:
+            import uvloop
+        except ImportError:
+            raise SystemExit("error: --loop uvloop needs the uvloop package; pip install uvloop, "
+                             "or use --loop asyncio") from None
+        return uvloop.run(main)
+    return asyncio.run(main)
