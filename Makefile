@@ -24,7 +24,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy tunnel edge_proxy worker_agent
+	$(BIN)/mypy tunnel edge_proxy worker_agent inference loadtest
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache

@@ -39,9 +39,10 @@ def tensorflow_predict(model: Any) -> Predict:
 
     shape = [None, *model.input_shape[1:]]
 
-    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32)], jit_compile=False, reduce_retracing=True)
-    def forward(x: Any) -> Any:
+    def call(x: Any) -> Any:
         return model(x, training=False)
+    forward = tf.function(call, input_signature=[tf.TensorSpec(shape, tf.float32)], jit_compile=False,
+                          reduce_retracing=True)
 
     def predict(batch: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         return np.asarray(forward(tf.convert_to_tensor(batch)))

@@ -119,7 +119,7 @@ class Batcher:
                 except TimeoutError:
                     pass
                 continue
-            items = []
+            items: list[_Item] = []
             while self._queue and len(items) < n:
                 item = self._queue.popleft()
                 if not item.future.done():

@@ -127,10 +127,10 @@ async def _serve(a: argparse.Namespace) -> int:
     code = 0
     try:
         await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if loader.done() and loader.exception() is not None:
-            exc = loader.exception()
-            state.load_error = str(exc)
-            log.error("error: loading %s on %s failed: %s", plan.model, plan.backend, exc)
+        failure = loader.exception() if loader.done() else None
+        if failure is not None:
+            state.load_error = str(failure)
+            log.error("error: loading %s on %s failed: %s", plan.model, plan.backend, failure)
             code = 1
         else:
             await stop.wait()

@@ -67,7 +67,7 @@ def preprocess(img: Image.Image, spec: Preprocess) -> np.ndarray[Any, Any]:
     scale = spec.resize / min(w, h)
     rw, rh = max(spec.size, round(w * scale)), max(spec.size, round(h * scale))
     if (rw, rh) != (w, h):
-        img = img.resize((rw, rh), Image.BILINEAR, reducing_gap=3.0 if scale < 0.5 else None)
+        img = img.resize((rw, rh), Image.Resampling.BILINEAR, reducing_gap=3.0 if scale < 0.5 else None)
     left, top = (rw - spec.size) // 2, (rh - spec.size) // 2
     img = img.crop((left, top, left + spec.size, top + spec.size))
     x = np.asarray(img, dtype=np.float32)

@@ -133,6 +133,14 @@ def _download(url: str, target: Path, what: str, fix: str) -> None:
         raise ModelUnavailable(f"cannot download {what} from {url} ({reason}); {fix}") from None
 
 
+def _extract(z: zipfile.ZipFile, member: str, target: Path) -> None:
+    data = z.read(member)
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+    _atomic_write(target, write)
+
+
 # ------------------------------------------------------------------ efficientnet-lite0
 
 def _efficientnet_source(weights: str | None) -> Path:
@@ -225,22 +233,24 @@ def resolve(model: str, backend: str, *, weights: str | None = None, model_dir: 
         keras_home = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
         candidates = [Path(weights)] if weights else [keras_home / "models" / INCEPTION_V3_FILE,
                                                      cache / INCEPTION_V3_FILE]
-        source = next((p for p in candidates if p.is_file()), None)
+        found = next((p for p in candidates if p.is_file()), None)
         fix = (f"supply {INCEPTION_V3_FILE} with --weights FILE (or put it in {keras_home / 'models'}), "
                "or use --model efficientnet-lite0, which works offline")
-        if source is None:
+        if found is None:
             if weights:
                 raise ModelUnavailable(f"weights file {weights} not found; {fix}")
             if offline:
                 raise ModelUnavailable(f"inception-v3 weights not found and --offline is set; {fix}")
-            source = cache / INCEPTION_V3_FILE
-            _download(INCEPTION_V3_URL, source, "the InceptionV3 ImageNet weights (92 MB)", fix)
+            found = cache / INCEPTION_V3_FILE
+            _download(INCEPTION_V3_URL, found, "the InceptionV3 ImageNet weights (92 MB)", fix)
+
+        h5: Path = found
 
         def load_inception() -> Classifier:
             import keras
-            net = keras.applications.InceptionV3(weights=str(source))
+            net = keras.applications.InceptionV3(weights=str(h5))
             return Classifier(model, backend, pre, imagenet_labels(), backends.tensorflow_predict(net))
-        return ModelPlan(model, backend, pre, source, _load=load_inception)
+        return ModelPlan(model, backend, pre, h5, _load=load_inception)
 
     # googlenet: the seed's OpenCV model, inception5h
     pre = Preprocess(size=224, resize=224, mean=117.0, scale=1.0)
@@ -259,8 +269,7 @@ def resolve(model: str, backend: str, *, weights: str | None = None, model_dir: 
             with zipfile.ZipFile(archive) as z:
                 for name in (GOOGLENET_GRAPH, GOOGLENET_LABELS):
                     member = next(m for m in z.namelist() if m.endswith(name))
-                    data = z.read(member)
-                    _atomic_write(directory / name, lambda tmp, data=data: tmp.write_bytes(data))
+                    _extract(z, member, directory / name)
         except (zipfile.BadZipFile, StopIteration) as exc:
             raise ModelUnavailable(f"{archive} is not the inception5h archive ({exc!r}); delete it and retry") from None
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -106,7 +106,7 @@ def error(status: int, reason: str, headers: dict[str, str] | None = None) -> we
 async def request_id_and_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     rid = request.headers.get("X-Request-ID") or uuid.uuid4().hex
     try:
-        resp = await handler(request)
+        resp: web.StreamResponse = await handler(request)
     except web.HTTPException as exc:
         resp = error(exc.status, exc.reason)
     except Exception:
@@ -147,9 +147,11 @@ async def _read_image(request: web.Request, limit: int) -> bytes:
         # curl -F file=@cat.jpg and browser forms: take the first file part.
         reader = await request.multipart()
         async for part in reader:
+            if not isinstance(part, BodyPartReader):
+                continue  # a nested multipart: not where a photo is
             if part.filename is not None or part.name in ("file", "image", "photo"):
                 data = bytearray()
-                while chunk := await part.read_chunk(1 << 16):  # type: ignore[union-attr]
+                while chunk := await part.read_chunk(1 << 16):
                     data += chunk
                     if len(data) > limit:
                         raise BadImage(413, f"image exceeds the limit of {limit} bytes")
