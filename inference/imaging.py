@@ -19,6 +19,20 @@ FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7700 x 5200 photo; far beyond what a classifier needs
 
 
+# 16-bit and float images: Pillow's convert("RGB") clips them instead of scaling.
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    a = np.asarray(img, dtype=np.float32)
+    if img.mode.startswith("I;16"):
+        a = a / 257.0
+    else:  # 32-bit int or float: no fixed range, stretch what is there
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
 class BadImage(Exception):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
@@ -51,6 +65,8 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None 
             if draft and img.format == "JPEG":
                 img.draft("RGB", (draft, draft))  # decode at a reduced DCT scale when the photo is large
             img.load()
+            if img.mode in HIGH_DEPTH_MODES:
+                img = _to_8bit(img)
             return img.convert("RGB") if img.mode != "RGB" else img
     except BadImage:
         raise

@@ -170,3 +170,26 @@ def test_same_padding_matches_tensorflow() -> None:
     assert efficientnet.same_pads(56, 5, 2) == (1, 2)
     assert efficientnet.same_pads(14, 5, 1) == (2, 2)
     assert efficientnet.same_pads(7, 1, 1) == (0, 0)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "F", "RGBA", "P", "CMYK", "1"])
+def test_every_pixel_mode_becomes_a_scaled_rgb_input(mode: str) -> None:
+    from PIL import Image
+
+    from inference.imaging import prepare
+    from inference.models import Preprocess
+    ramp = np.tile(np.linspace(0, 1, 400, dtype=np.float32), (300, 1))
+    if mode == "I;16":
+        img = Image.fromarray((ramp * 65535).astype(np.uint16))
+    elif mode == "F":
+        img = Image.fromarray(ramp * 1000.0)
+    else:
+        img = Image.fromarray((ramp * 255).astype(np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, "TIFF" if mode in ("F", "CMYK") else "PNG")
+    x = prepare(buf.getvalue(), Preprocess(224, 256, 127.5, 1 / 127.5)).array
+    assert x.shape == (224, 224, 3) and x.dtype == np.float32
+    assert -1.0 <= x.min() and x.max() <= 1.0
+    if mode in ("I;16", "F", "RGBA", "P"):
+        # The ramp survives: dark on the left, bright on the right, not clipped flat.
+        assert x[:, :20].mean() < -0.3 and x[:, -20:].mean() > 0.3, (x[:, :20].mean(), x[:, -20:].mean())
