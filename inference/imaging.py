@@ -65,9 +65,8 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None 
             if draft and img.format == "JPEG":
                 img.draft("RGB", (draft, draft))  # decode at a reduced DCT scale when the photo is large
             img.load()
-            if img.mode in HIGH_DEPTH_MODES:
-                img = _to_8bit(img)
-            return img.convert("RGB") if img.mode != "RGB" else img
+            out: Image.Image = _to_8bit(img) if img.mode in HIGH_DEPTH_MODES else img
+            return out.convert("RGB") if out.mode != "RGB" else out
     except BadImage:
         raise
     except UnidentifiedImageError:
