@@ -4,6 +4,7 @@ edges (tests) can live in one process."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,9 @@ class EdgeMetrics:
         self.waiting = Gauge("edge_waiting_requests", "Requests queued for a worker slot", ["pool"], registry=r)
         self.tasks = Gauge("edge_asyncio_tasks", "asyncio tasks alive in the edge process (leak watch)", registry=r)
         self.tunnels = Gauge("edge_tunnels", "Open worker tunnels", registry=r)
+        self.heap_blocks = Gauge("edge_python_allocated_blocks",
+                                 "Python objects' memory blocks in use (leak watch: RSS can grow from allocator "
+                                 "high-water marks while this stays flat)", registry=r)
 
     def render(self, reg: Registry) -> bytes:
         """Refresh the gauges that describe current state, then serialise."""
@@ -51,6 +55,7 @@ class EdgeMetrics:
                 self.workers.labels(pool.name, st).set(n)
             self.outstanding.labels(pool.name).set(sum(w.in_flight for w in pool.workers))
             self.waiting.labels(pool.name).set(len(pool.waiters))
+        self.heap_blocks.set(sys.getallocatedblocks())
         self.tasks.set(len(asyncio.all_tasks()))
         self.tunnels.set(sum(len(w.sessions) for w in reg.workers.values()))
         return generate_latest(self.registry)

@@ -96,7 +96,9 @@ class RequestBody:
             yield c
         while not self.finished:
             try:
-                chunk = await asyncio.wait_for(self.request.content.readany(), self.stall_timeout)
+                # asyncio.timeout, not wait_for: wait_for wraps every read in a new Task.
+                async with asyncio.timeout(self.stall_timeout):
+                    chunk = await self.request.content.readany()
             except TimeoutError:
                 raise BodyStalled() from None
             if not chunk:
@@ -278,7 +280,8 @@ async def _exchange(state: EdgeState, request: web.Request, request_id: str, ses
         await sresp.prepare(request)
         try:
             while True:
-                chunk = await asyncio.wait_for(ch.read(), cfg.idle_timeout)
+                async with asyncio.timeout(cfg.idle_timeout):
+                    chunk = await ch.read()
                 if chunk is None:
                     break
                 await sresp.write(chunk)
@@ -342,7 +345,11 @@ async def _await_head(ch: StreamChannel, pump: asyncio.Task[None] | None, timeou
 async def _read_all(io: TunnelIO, ch: StreamChannel, idle: float, limit: int | None) -> bytes:
     parts = []
     size = 0
-    while (chunk := await asyncio.wait_for(ch.read(), idle)) is not None:
+    while True:
+        async with asyncio.timeout(idle):
+            chunk = await ch.read()
+        if chunk is None:
+            break
         parts.append(chunk)
         size += len(chunk)
         io.acknowledge(ch, len(chunk))
