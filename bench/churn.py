@@ -105,7 +105,7 @@ async def edge_sample(system: System, edge: str, pid: int) -> dict[str, float]:
     async with system.http().get(edge + "/_edge/metrics", headers=system.auth()) as r:
         text = await r.text()
     return {"tasks": metric(text, "edge_asyncio_tasks") or 0, "tunnels": metric(text, "edge_tunnels") or 0,
-            "fds": fds(pid), "rss": rss_mb(pid)}
+            "blocks": metric(text, "edge_python_allocated_blocks") or 0, "fds": fds(pid), "rss": rss_mb(pid)}
 
 
 async def main() -> int:
@@ -168,8 +168,9 @@ async def main() -> int:
             async with sem:
                 await fake_agent(url, system, f"churn{i}", rng.uniform(0.1, 0.8), MODES[i % 3], res)
                 if i % 100 == 99:
-                    print(f"  {i + 1} cycles, {time.monotonic() - started:.0f} s, edge RSS "
-                          f"{rss_mb(edge_proc.pid):.1f} MB", flush=True)
+                    s = await edge_sample(system, edge, edge_proc.pid)
+                    print(f"  {i + 1} cycles, {time.monotonic() - started:.0f} s, edge RSS {s['rss']:.1f} MB, "
+                          f"Python blocks {s['blocks']:.0f}", flush=True)
 
         await asyncio.gather(*(cycle(i) for i in range(a.cycles)))
         stop.set()
@@ -196,6 +197,7 @@ async def main() -> int:
             ("edge open FDs", f"{base['fds']:.0f} -> {after['fds']:.0f}", "<= baseline", after["fds"] <= base["fds"]),
             ("edge RSS MB", f"{base['rss']:.1f} -> {after['rss']:.1f}", "within 10%",
              after["rss"] <= base["rss"] * 1.10),
+            ("edge Python blocks in use", f"{base['blocks']:.0f} -> {after['blocks']:.0f}", "(info)", True),
             ("edge tunnels", f"{base['tunnels']:.0f} -> {after['tunnels']:.0f}", "0 at the end", after["tunnels"] == 0),
             ("requests routed to a half-open agent past its deadline", str(res.late_routed), "0", res.late_routed == 0),
             ("traffic during churn (200 / other)", f"{traffic['ok']} / {traffic['err']}", "(info)", True),
