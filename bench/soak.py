@@ -144,13 +144,11 @@ async def main() -> int:
 
         blocks: list[float] = []
 
-        async def tasks_now(record_blocks: bool = False) -> float | None:
+        async def edge_metrics() -> tuple[float | None, float | None]:
+            """The edge's asyncio tasks and Python blocks in use."""
             async with system.http().get(edge + "/_edge/metrics", headers=system.auth()) as r:
                 text = await r.text()
-            b = metric(text, "edge_python_allocated_blocks")
-            if record_blocks and b is not None:
-                blocks.append(b)
-            return metric(text, "edge_asyncio_tasks")
+            return metric(text, "edge_asyncio_tasks"), metric(text, "edge_python_allocated_blocks")
 
         async def idle_tasks() -> float | None:
             # In-flight requests and open keep-alive connections are tasks too,
@@ -158,11 +156,11 @@ async def main() -> int:
             # generator's connections closed, before and after the load.
             if "s" in CLIENT:
                 await CLIENT.pop("s").close()
-            last = await tasks_now()
+            last, _ = await edge_metrics()
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline:
                 await asyncio.sleep(0.5)
-                now = await tasks_now()
+                now, _ = await edge_metrics()
                 if now == last:
                     break
                 last = now
@@ -178,7 +176,9 @@ async def main() -> int:
             for n, p in procs.items():
                 samples[n]["rss"].append(rss_mb(p.pid))
                 samples[n]["fds"].append(fds(p.pid))
-            v = await tasks_now(record_blocks=True)
+            v, b = await edge_metrics()
+            if b is not None:
+                blocks.append(b)
             el = time.monotonic() - start
             print(f"  {el:6.0f} s  sent {t.sent}  ok {t.ok}  lost {t.lost}  mismatched {t.mismatched}  "
                   f"5xx {t.unexpected_5xx}  edge rss {samples['edge']['rss'][-1]:.1f} MB  "
