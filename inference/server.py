@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -102,9 +103,15 @@ def error(status: int, reason: str, headers: dict[str, str] | None = None) -> we
     return web.json_response({"message": "error", "error": reason, "status": status}, status=status, headers=headers)
 
 
+# Echoed only if it is a plain token (as the edge requires); anything else is replaced.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
 @web.middleware
 async def request_id_and_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    rid = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+    rid = request.headers.get("X-Request-ID", "")
+    if not REQUEST_ID.fullmatch(rid):
+        rid = uuid.uuid4().hex
     try:
         resp: web.StreamResponse = await handler(request)
     except web.HTTPException as exc:
@@ -112,7 +119,7 @@ async def request_id_and_errors(request: web.Request, handler: Any) -> web.Strea
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
         resp = error(500, "internal error; the server logged the details")
-    resp.headers["X-Request-ID"] = rid[:200]
+    resp.headers["X-Request-ID"] = rid
     return resp
 
 

@@ -118,6 +118,8 @@ async def test_multipart_upload_and_the_probe_page(servers: dict[str, Server], p
         async with s.post(url + "/photo", data=form) as r:
             assert r.status == 200
             assert (await r.json())["label"] in COFFEE_CLASSES
+        async with s.get(url + "/", headers={"X-Request-ID": "bad id\u00e9"}) as r:
+            assert r.status == 200 and re.fullmatch(r"[0-9a-f]{32}", r.headers["X-Request-ID"])
         async with s.get(url + "/", headers={"Host": "probe.example"}) as r:
             text = await r.text()
         assert r.status == 200 and "requester: 127.0.0.1:" in text and "host: probe.example" in text
