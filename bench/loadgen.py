@@ -140,7 +140,11 @@ def main() -> int:
         print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
         server.terminate()
-        server.wait(5)
+        try:
+            server.wait(5)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
     return 0
 
 

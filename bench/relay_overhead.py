@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import math
 import os
 import sys
 import tempfile
@@ -128,7 +129,8 @@ async def request(s: aiohttp.ClientSession, t: Target, shape: Shape, errors: Err
 def percentile(sorted_ms: list[float], q: float) -> float:
     if not sorted_ms:
         return float("nan")
-    return sorted_ms[min(len(sorted_ms) - 1, max(0, round(q * len(sorted_ms) + 0.5) - 1))]
+    # Nearest rank: the smallest value with at least q of the samples at or below it.
+    return sorted_ms[min(len(sorted_ms) - 1, max(0, math.ceil(q * len(sorted_ms)) - 1))]
 
 
 @dataclass

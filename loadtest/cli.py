@@ -219,8 +219,6 @@ def _console() -> Console:
 
 def run_command(a: argparse.Namespace) -> int:
     cfg = config_from_args(a)
-    if cfg.sweep:
-        cfg.rate = cfg.sweep[0]
     if cfg.insecure:
         err("warning: --insecure: the server's TLS certificate is NOT verified")
     for path in (a.json, a.html):

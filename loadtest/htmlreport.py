@@ -38,13 +38,9 @@ def _f(v: Any, digits: int = 2) -> str:
 
 def _table(head: list[str], rows: list[list[Any]]) -> str:
     h = "".join(f"<th>{escape(c)}</th>" for c in head)
-    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, _Raw) else _f(c)}</td>" for c in r) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{_f(c)}</td>" for c in r) + "</tr>"
                    for r in rows)
     return f"<table><tr>{h}</tr>{body}</table>"
-
-
-class _Raw(str):
-    """Already-escaped HTML for a table cell."""
 
 
 def _stats_rows(named: list[tuple[str, dict[str, Any] | None]]) -> list[list[Any]]:
@@ -111,8 +107,7 @@ def _cdf(res: dict[str, Any]) -> str:
     c = Chart("plot-cdf", "Latency by percentile (CDF, tail spread out)", "percentile", "latency ms",
               [p for p, _ in lat], [v for _, v in lat], percentile_x=True)
     c.line(lat, "latency", PALETTE[0], dots=True)
-    svc = res.get("service_time_ms") or {}
-    return c.render() + ("" if not svc.get("count") else "")
+    return c.render()
 
 
 def _jitter(res: dict[str, Any]) -> str:

@@ -20,7 +20,6 @@ FORMAT = "loadtest-result/1"
 CDF_PERCENTILES = (0, 1, 5, 10, 20, 30, 40, 50, 60, 70, 75, 80, 85, 90, 92.5, 95, 97.5, 98, 99, 99.5, 99.75, 99.9,
                    99.95, 99.99, 100)
 HISTOGRAM_BINS = 40
-MAX_RECORDS_IN_HTML = 20000
 
 
 def _ms(x: float) -> float:
@@ -164,16 +163,34 @@ def analyse(run: Run) -> dict[str, Any]:
 
 
 def _stability(measured: Sequence[Record], first: float, last: float, n: int) -> dict[str, Any]:
+    """Throughput per window by completion time over [first, last]; mean
+    latency per window by intended send time over the span of the sends (so
+    the tail after the last send leaves no empty latency window)."""
+    ok = [r for r in measured if r.ok]
+    if not ok:
+        out = stats.stability([], [])
+        out.update(stable=None, reason="no successful request to judge", per_window=[])
+        return out
     wins = stats.windows(first, last, n)
-    thr, lat, rows = [], [], []
-    for a, b in wins:
-        done = [r for r in measured if r.ok and a <= r.done < b or (b == last and r.ok and r.done == last)]
-        sent = [r.latency_ms for r in measured if r.ok and a <= r.intended < b]
-        t = len(done) / (b - a)
-        m = math.fsum(sent) / len(sent) if sent else 0.0
-        thr.append(t)
-        lat.append(m)
-        rows.append({"start_s": round(a - first, 3), "throughput_rps": round(t, 3), "latency_mean_ms": _ms(m)})
+    last_sent = max(r.intended for r in ok)
+    lat_wins = stats.windows(first, last_sent, n) or [(first, last_sent)] * len(wins)
+    done = [0] * len(wins)
+    sums = [0.0] * len(wins)
+    counts = [0] * len(wins)
+
+    def index(t: float, span: list[tuple[float, float]]) -> int:
+        a0, b0 = span[0]
+        return min(len(span) - 1, max(0, int((t - a0) / (b0 - a0)))) if b0 > a0 else 0
+
+    for r in ok:
+        done[index(r.done, wins)] += 1
+        j = index(r.intended, lat_wins)
+        sums[j] += r.latency_ms
+        counts[j] += 1
+    thr = [done[i] / (b - a) for i, (a, b) in enumerate(wins)]
+    lat = [sums[i] / counts[i] if counts[i] else 0.0 for i in range(len(wins))]
+    rows = [{"start_s": round(a - first, 3), "throughput_rps": round(thr[i], 3), "latency_mean_ms": _ms(lat[i])}
+            for i, (a, _) in enumerate(wins)]
     out = stats.stability(thr, lat)
     out["per_window"] = rows
     return out

@@ -318,12 +318,16 @@ class Run:
         self.progress = Progress()
         self.aborted: str | None = None
         self.cancelled_in_flight = 0
+        self._busy_workers = 0  # closed loop: workers inside a request
         self.run_id = uuid.uuid4().hex[:8]
         self.t0 = 0.0
         self.wall_start = 0.0
         self.tunnel_rtt_ms: dict[str, float] | None = None
         self.images = load_images(cfg.images) if cfg.command == "classify" else []
-        url = URL(cfg.url)
+        try:
+            url = URL(cfg.url)
+        except ValueError as exc:
+            raise UsageError(f"--url {cfg.url!r} is not a valid URL: {exc}") from None
         if url.scheme not in ("http", "https") or not url.host:
             raise UsageError(f"--url {cfg.url!r}: need an http:// or https:// URL with a host")
         self.url = url
@@ -480,7 +484,11 @@ class Run:
                     counter["measured"] += 1
                 seq = counter["seq"]
                 counter["seq"] += 1
-                await self._one(seq, now, warm)
+                self._busy_workers += 1
+                try:
+                    await self._one(seq, now, warm)
+                finally:
+                    self._busy_workers -= 1
 
         self.t0 = perf()
         tasks = {asyncio.get_running_loop().create_task(worker()) for _ in range(cfg.concurrency)}
@@ -503,10 +511,13 @@ class Run:
             _, tasks = await asyncio.wait(tasks, timeout=0.1)
             self.progress.elapsed = perf() - self.t0
         if tasks:
+            # Open loop: each task is one request. Closed loop: each task is a
+            # worker, and only those inside a request had one in flight.
+            in_flight = len(tasks) if self.cfg.mode == "open" else self._busy_workers
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self.cancelled_in_flight = len(tasks) if self.cfg.mode == "open" else 0
+            self.cancelled_in_flight = in_flight
 
     async def _tunnel_rtt(self) -> dict[str, float] | None:
         """The edge's heartbeat RTT per worker, from GET /_edge/workers (needs

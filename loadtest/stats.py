@@ -64,10 +64,14 @@ def summary(values_ms: Sequence[float]) -> dict[str, float | int | None]:
     if n == 0:
         return {"count": 0, "min": None, **{k: None for k in FIELDS}}
     lo, hi = min(values_ms), max(values_ms)
-    at = percentiles(histogram(values_ms), [p for _, p in PERCENTILES])
+    # The histogram holds non-negative values only; a derived hop can dip
+    # below 0 (two clocks' rounding), so shift the whole set up and back.
+    offset = -lo if lo < 0 else 0.0
+    shifted = [v + offset for v in values_ms] if offset else values_ms
+    at = percentiles(histogram(shifted), [p for _, p in PERCENTILES])
     out: dict[str, float | int | None] = {"count": n, "min": _r(lo)}
     for name, p in PERCENTILES:
-        out[name] = _r(min(hi, max(lo, at[p])))
+        out[name] = _r(min(hi, max(lo, at[p] - offset)))
     out["max"] = _r(hi)
     out["mean"] = _r(math.fsum(values_ms) / n)
     return out
@@ -146,6 +150,9 @@ def stability(throughputs: Sequence[float], latencies: Sequence[float], last: in
                                            f"{tolerance:.0%} of their mean", "windows": len(throughputs)}
     if len(throughputs) < last or len(latencies) < last:
         out.update(stable=None, reason=f"only {len(throughputs)} windows, need {last}")
+        return out
+    if not any(throughputs[-last:]):
+        out.update(stable=None, reason="nothing completed in the last windows")
         return out
     t_ok = within(throughputs[-last:], tolerance)
     l_ok = within(latencies[-last:], tolerance)

@@ -39,7 +39,7 @@ def fmt(v: float) -> str:
 
 
 class Chart:
-    """An x/y chart. `log_tail=True` makes x a percentile axis: position
+    """An x/y chart. `percentile_x=True` makes x a percentile axis: position
     log10(1 / (1 - p/100)), the HdrHistogram view that spreads the tail."""
 
     def __init__(self, ident: str, title: str, x_label: str, y_label: str, xs: Sequence[float],

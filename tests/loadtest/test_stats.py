@@ -69,10 +69,19 @@ def test_summary_percentiles_never_exceed_the_exact_max():
     assert s["p999"] <= s["max"] == 1234.5678
 
 
-def test_negative_values_record_as_zero_in_the_histogram_but_keep_exact_min():
+def test_negative_values_keep_their_order_statistics():
+    # A derived hop (tunnel - agent) can dip below 0; its percentiles must not collapse to 0 or the max.
     s = stats.summary([-0.5, 1.0, 2.0])
-    assert s["min"] == -0.5
-    assert s["p50"] >= -0.5
+    assert s["min"] == -0.5 and s["p50"] == 1.0
+    s = stats.summary([-3.0, -2.0, -1.0, 4.0, 5.0])
+    assert s["p50"] == -1.0 and s["min"] == -3.0 and s["max"] == 5.0
+    s = stats.summary([-3.0, -2.0, -1.0, -0.5])
+    assert s["p50"] == -2.0 and s["p999"] == -0.5
+
+
+def test_stability_is_not_judged_without_completions():
+    out = stats.stability([0.0, 0.0, 0.0], [0.0, 0.0, 0.0])
+    assert out["stable"] is None and "nothing completed" in out["reason"]
 
 
 def test_jitter_summary_fields_from_a_hand_sequence():
