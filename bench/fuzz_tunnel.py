@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.procstats import status_mb  # noqa: E402
 from tests.tunnel.test_decoder_fuzz import LIMITS, mutate, valid_traffic  # noqa: E402
 from tunnel import (  # noqa: E402
     Connection,
@@ -308,21 +309,12 @@ class Stats:
     max_out_per_chunk: tuple[int, int] = (0, 0)  # (bytes queued to send after one chunk, that chunk's size)
 
 
-def status_mb(field_name: str) -> float:
-    """VmRSS (now) or VmHWM (peak) of this process."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def current_rss_mb() -> float:
-    return status_mb("VmRSS")
+    return status_mb("self", "VmRSS")
 
 
 def peak_rss_mb() -> float:
-    return status_mb("VmHWM")
+    return status_mb("self", "VmHWM")
 
 
 def report_failure(seed: int, i: int, case: Case, exc: BaseException) -> None:

@@ -7,12 +7,18 @@ import os
 import re
 
 
-def rss_mb(pid: int) -> float:
+def status_mb(pid: int | str, field: str = "VmRSS") -> float:
+    """A memory line of /proc/PID/status in MB: VmRSS (now) or VmHWM (peak).
+    `pid` may be "self"."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def rss_mb(pid: int) -> float:
+    return status_mb(pid, "VmRSS")
 
 
 def fds(pid: int) -> int:

@@ -36,7 +36,7 @@ import aiohttp  # noqa: E402
 from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 
-from bench.procstats import metric, rss_mb  # noqa: E402
+from bench.procstats import metric, rss_mb, status_mb  # noqa: E402
 from tests.harness import Proc, System, make_pki, wait_for  # noqa: E402
 from tunnel import Connection, DataReceived, Hello, RequestReceived, ResponseHead, Role  # noqa: E402
 
@@ -63,11 +63,7 @@ def machine_cpu_seconds() -> tuple[float, float, float]:
 
 
 def peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return status_mb(pid, "VmHWM")
 
 
 class CpuMeter:
