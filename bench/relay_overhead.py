@@ -256,9 +256,12 @@ async def idle_agent(url: str, system: System, agent_id: str, ready: asyncio.Que
         return
     conn = Connection(Role.AGENT)
     conn.send_hello(Hello(agent_id, pool="idle", capacity=1))
-    await ws.send(conn.data_to_send())
-    await ready.put(ws)
     try:
+        try:
+            await ws.send(conn.data_to_send())
+        finally:
+            # The starter waits on this queue: answer it whatever happens.
+            await ready.put(ws)
         async for data in ws:
             for ev in conn.receive_data(data if isinstance(data, bytes) else data.encode()):
                 if isinstance(ev, RequestReceived):
@@ -271,6 +274,8 @@ async def idle_agent(url: str, system: System, agent_id: str, ready: asyncio.Que
                 await ws.send(out)
     except ConnectionClosed:
         pass
+    finally:
+        await ws.close()
 
 
 @dataclass
