@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from dataclasses import replace
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -138,8 +139,9 @@ def err(message: str) -> None:
 def _progress_text(run: Run, title: str) -> Text:
     p = run.progress
     now = p.elapsed
-    recent = [lat for done, lat in reversed(p.recent) if done >= now - 1.0] if p.recent else []
-    recent.sort()
+    # p.recent is in completion order: walk back from the newest and stop at
+    # the first older than a second, instead of scanning the whole deque.
+    recent = sorted(lat for _, lat in takewhile(lambda x: x[0] >= now - 1.0, reversed(p.recent)))
     line = f"{title}  {now:5.1f} s"
     if p.planned:
         line += f" / {p.planned:.1f} s ({max(0.0, p.planned - now):.1f} s left)"
@@ -157,11 +159,13 @@ async def _with_progress(run: Run, title: str, show: bool) -> None:
         await run.execute()
         return
     console = Console(stderr=True)
-    with Live(_progress_text(run, title), console=console, transient=True, refresh_per_second=4) as live:
+    # Refreshed from this loop only: rich's own refresh thread would take the
+    # GIL from the generator at times of its choosing.
+    with Live(_progress_text(run, title), console=console, transient=True, auto_refresh=False) as live:
         task = asyncio.ensure_future(run.execute())
         while not task.done():
             await asyncio.wait([task], timeout=0.25)
-            live.update(_progress_text(run, title))
+            live.update(_progress_text(run, title), refresh=True)
         task.result()
 
 
