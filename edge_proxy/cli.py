@@ -15,6 +15,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
+from tunnel import allocator
 from tunnel import eventloop as loop
 
 from . import auth, certs
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        allocator.pin_mmap_threshold()  # keeps RSS flat under long TLS traffic
         loop.run(serve(config_from_args(args), args.insecure_http), args.loop)
     except SystemExit as exc:
         if isinstance(exc.code, str):

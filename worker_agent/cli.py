@@ -12,6 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
+from tunnel import allocator
 from tunnel import eventloop as loop
 
 from .agent import Agent
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        allocator.pin_mmap_threshold()  # keeps RSS flat under long TLS traffic
         loop.run(run(config_from_args(args)), args.loop)
     except SystemExit as exc:
         if isinstance(exc.code, str):
