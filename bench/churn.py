@@ -27,7 +27,7 @@ import aiohttp  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 
-from bench.procstats import fds, metric, rss_mb  # noqa: E402
+from bench.procstats import fds, grown, labelled, metric, rss_mb  # noqa: E402
 from tests.harness import System, make_pki, wait_for  # noqa: E402
 from tunnel import Connection, DataReceived, Hello, RequestReceived, ResponseHead, Role  # noqa: E402
 
@@ -101,9 +101,13 @@ async def anchor(url: str, system: System, stop: asyncio.Event) -> None:
         await fake_agent(url, system, "anchor", 5.0, "clean", res)
 
 
-async def edge_sample(system: System, edge: str, pid: int) -> dict[str, float]:
+async def edge_sample(system: System, edge: str, pid: int, by_coroutine: dict[str, float] | None = None
+                      ) -> dict[str, float]:
     async with system.http().get(edge + "/_edge/metrics", headers=system.auth()) as r:
         text = await r.text()
+    if by_coroutine is not None:
+        by_coroutine.clear()
+        by_coroutine.update(labelled(text, "edge_asyncio_tasks_by_coroutine"))
     return {"tasks": metric(text, "edge_asyncio_tasks") or 0, "tunnels": metric(text, "edge_tunnels") or 0,
             "blocks": metric(text, "edge_python_allocated_blocks") or 0, "fds": fds(pid), "rss": rss_mb(pid)}
 
@@ -140,8 +144,10 @@ async def main() -> int:
 
         await asyncio.gather(*(warm(i) for i in range(max(6, a.warmup_cycles))))
         await asyncio.sleep(DEAD_AFTER + 1)
-        base = await edge_sample(system, edge, edge_proc.pid)
+        base_tasks: dict[str, float] = {}
+        base = await edge_sample(system, edge, edge_proc.pid, base_tasks)
         print(f"baseline: {base}", flush=True)
+        print(f"baseline tasks by coroutine: {base_tasks}", flush=True)
 
         traffic = {"ok": 0, "err": 0}
 
@@ -186,7 +192,8 @@ async def main() -> int:
             await wait_for(settled, DEAD_AFTER + 10, "the edge to settle")
         except AssertionError:
             pass
-        after = await edge_sample(system, edge, edge_proc.pid)
+        after_tasks: dict[str, float] = {}
+        after = await edge_sample(system, edge, edge_proc.pid, after_tasks)
         # The baseline had the anchor's tunnel open (a handful of tasks and 1 FD); it is gone now.
         rows = [
             ("cycles (clean/kill/half-open)", "/".join(str(res.cycles[m]) for m in MODES), f"{a.cycles}",
@@ -194,6 +201,7 @@ async def main() -> int:
             ("failed connects", str(res.failed_connects), "0", res.failed_connects == 0),
             ("edge asyncio tasks", f"{base['tasks']:.0f} -> {after['tasks']:.0f}", "<= baseline",
              after["tasks"] <= base["tasks"]),
+            ("edge tasks that grew, by coroutine", grown(base_tasks, after_tasks), "(info)", True),
             ("edge open FDs", f"{base['fds']:.0f} -> {after['fds']:.0f}", "<= baseline", after["fds"] <= base["fds"]),
             ("edge RSS MB", f"{base['rss']:.1f} -> {after['rss']:.1f}", "within 10%",
              after["rss"] <= base["rss"] * 1.10),

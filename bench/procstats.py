@@ -30,6 +30,18 @@ def metric(text: str, name: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+def labelled(text: str, name: str) -> dict[str, float]:
+    """Every sample of a metric with one label, as {label value: value}."""
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(rf'^{re.escape(name)}{{[^=}}]+="([^"]*)"}} ([0-9.e+-]+)$', text, re.M)}
+
+
+def grown(before: dict[str, float], after: dict[str, float]) -> str:
+    """The labels whose value rose, as "name +n (a -> b)", largest first."""
+    rises = sorted(((after[k] - before.get(k, 0), k) for k in after if after[k] > before.get(k, 0)), reverse=True)
+    return ", ".join(f"{k} +{d:.0f} ({before.get(k, 0):.0f} -> {after[k]:.0f})" for d, k in rises) or "none"
+
+
 def flat(samples: list[float], tolerance: float) -> tuple[bool, float]:
     """Whether the last sample stays within `tolerance` (fraction) of the
     first one after warm-up; returns (ok, relative change)."""

@@ -16,6 +16,17 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+def tasks_by_coroutine(tasks: set[asyncio.Task[object]]) -> dict[str, int]:
+    """How many tasks run each coroutine, by qualified name. The names come
+    from the code, not from requests, so the label set stays small."""
+    counts: dict[str, int] = {}
+    for t in tasks:
+        coro = t.get_coro()
+        name = getattr(coro, "__qualname__", None) or type(coro).__name__
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 class EdgeMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -33,6 +44,9 @@ class EdgeMetrics:
         self.outstanding = Gauge("edge_outstanding_requests", "Requests in flight to workers", ["pool"], registry=r)
         self.waiting = Gauge("edge_waiting_requests", "Requests queued for a worker slot", ["pool"], registry=r)
         self.tasks = Gauge("edge_asyncio_tasks", "asyncio tasks alive in the edge process (leak watch)", registry=r)
+        self.tasks_by_coroutine = Gauge("edge_asyncio_tasks_by_coroutine",
+                                        "asyncio tasks alive by the coroutine they run (leak watch: names the path "
+                                        "that keeps them)", ["coroutine"], registry=r)
         self.tunnels = Gauge("edge_tunnels", "Open worker tunnels", registry=r)
         self.heap_blocks = Gauge("edge_python_allocated_blocks",
                                  "Python objects' memory blocks in use (leak watch: RSS can grow from allocator "
@@ -56,6 +70,10 @@ class EdgeMetrics:
             self.outstanding.labels(pool.name).set(sum(w.in_flight for w in pool.workers))
             self.waiting.labels(pool.name).set(len(pool.waiters))
         self.heap_blocks.set(sys.getallocatedblocks())
-        self.tasks.set(len(asyncio.all_tasks()))
+        tasks = asyncio.all_tasks()
+        self.tasks.set(len(tasks))
+        self.tasks_by_coroutine.clear()
+        for name, n in tasks_by_coroutine(tasks).items():
+            self.tasks_by_coroutine.labels(name).set(n)
         self.tunnels.set(sum(len(w.sessions) for w in reg.workers.values()))
         return generate_latest(self.registry)
