@@ -194,6 +194,9 @@ async def main() -> int:
             pass
         after_tasks: dict[str, float] = {}
         after = await edge_sample(system, edge, edge_proc.pid, after_tasks)
+        # Tasks of sessions and their tunnels must go with them (a lost
+        # cancellation once kept a health-check loop alive).
+        tunnel_tasks = sum(n for name, n in after_tasks.items() if name.startswith(("EdgeSession.", "TunnelIO.")))
         # The baseline had the anchor's tunnel open (a handful of tasks and 1 FD); it is gone now.
         rows = [
             ("cycles (clean/kill/half-open)", "/".join(str(res.cycles[m]) for m in MODES), f"{a.cycles}",
@@ -202,6 +205,7 @@ async def main() -> int:
             ("edge asyncio tasks", f"{base['tasks']:.0f} -> {after['tasks']:.0f}", "<= baseline",
              after["tasks"] <= base["tasks"]),
             ("edge tasks that grew, by coroutine", grown(base_tasks, after_tasks), "(info)", True),
+            ("edge tunnel tasks left once every tunnel closed", f"{tunnel_tasks:.0f}", "0", tunnel_tasks == 0),
             ("edge open FDs", f"{base['fds']:.0f} -> {after['fds']:.0f}", "<= baseline", after["fds"] <= base["fds"]),
             ("edge RSS MB", f"{base['rss']:.1f} -> {after['rss']:.1f}", "within 10%",
              after["rss"] <= base["rss"] * 1.10),

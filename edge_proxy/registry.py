@@ -174,7 +174,10 @@ class Registry:
         fut: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         pool.waiters.append(fut)
         try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            # Not wait_for: on 3.11 it can lose the cancellation of a client
+            # that leaves just as its slot is granted (CPython gh-86296).
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(fut)
         except BaseException as exc:
             if fut.done() and not fut.cancelled():
                 fut.result().release()  # granted just as we gave up: hand it back

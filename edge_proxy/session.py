@@ -81,7 +81,12 @@ class EdgeSession:
         self.io.start()
         reader = asyncio.create_task(self._read_loop())
         try:
-            hello = await asyncio.wait_for(asyncio.shield(self._hello), cfg.handshake_timeout)
+            # asyncio.timeout, not wait_for, here and below: on Python 3.11 wait_for
+            # loses a cancellation that arrives as its inner future completes
+            # (CPython gh-86296), which once left a health-check loop running
+            # after its tunnel had closed.
+            async with asyncio.timeout(cfg.handshake_timeout):
+                hello = await asyncio.shield(self._hello)
             if not self._admit(hello):
                 await self.io.drain_output()
                 return
@@ -209,7 +214,9 @@ class EdgeSession:
         policy = self.state.config.health
         path = self.state.config.health_path
         clock = time.monotonic
-        while True:
+        # Ends with the tunnel by itself, so that no lost cancellation keeps
+        # it (and, through it, the whole session) alive.
+        while not self.io.closed.is_set():
             w = self.worker
             if w is not None and self.accepting:
                 ok, error = await self.check_once(path, policy.check_timeout)
@@ -227,9 +234,10 @@ class EdgeSession:
         except StreamError as exc:
             return False, str(exc)
         try:
-            head = await asyncio.wait_for(asyncio.shield(ch.head), timeout)
-            while (chunk := await asyncio.wait_for(ch.read(), timeout)) is not None:
-                self.io.acknowledge(ch, len(chunk))
+            async with asyncio.timeout(timeout):
+                head = await asyncio.shield(ch.head)
+                while (chunk := await ch.read()) is not None:
+                    self.io.acknowledge(ch, len(chunk))
             self.io.release(ch.stream_id)
             if 200 <= head.status < 300:
                 return True, ""

@@ -1,0 +1,32 @@
+"""The edge's end of a tunnel: tasks that belong to a session end with it."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+from edge_proxy.app import STATE, make_app
+from edge_proxy.auth import CredentialStore
+from edge_proxy.config import EdgeConfig
+from edge_proxy.health import HealthPolicy
+from edge_proxy.session import EdgeSession
+
+
+async def test_health_check_loop_ends_with_its_tunnel_even_if_its_cancellation_is_lost():
+    # On Python 3.11 asyncio.wait_for can swallow a cancel that arrives as its
+    # inner future completes; the churn tool once found such a loop still
+    # running, holding its whole session, after the tunnel had closed. Here
+    # the loop is never cancelled at all: closing the tunnel must be enough.
+    cfg = EdgeConfig(health=HealthPolicy(check_interval=0.01, check_timeout=0.1))
+    state = make_app(cfg, CredentialStore(), CredentialStore())[STATE]
+
+    async def send(data: bytes) -> None:
+        pass
+
+    session = EdgeSession(state, SimpleNamespace(remote="127.0.0.1"), SimpleNamespace(send_bytes=send), "t")  # type: ignore[arg-type]
+    checks = asyncio.create_task(session._health_checks())
+    await asyncio.sleep(0.05)
+    assert not checks.done(), "the loop runs while its tunnel is open"
+    await session.io.close("agent gone")
+    await asyncio.wait_for(checks, 2.0)  # a few check intervals, with margin
+    assert checks.exception() is None
