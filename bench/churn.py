@@ -27,11 +27,12 @@ import aiohttp  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 
-from bench.procstats import fds, grown, labelled, metric, rss_mb  # noqa: E402
+from bench.procstats import fds, grown, heap_trims, labelled, metric, rss_mb  # noqa: E402
 from tests.harness import System, make_pki, wait_for  # noqa: E402
 from tunnel import Connection, DataReceived, Hello, RequestReceived, ResponseHead, Role  # noqa: E402
 
 DEAD_AFTER = 3.0
+LAST_TRIMS = ["none"]  # the edge's heap trims, as of the last full sample
 MODES = ("clean", "kill", "halfopen")
 
 
@@ -108,6 +109,7 @@ async def edge_sample(system: System, edge: str, pid: int, by_coroutine: dict[st
     if by_coroutine is not None:
         by_coroutine.clear()
         by_coroutine.update(labelled(text, "edge_asyncio_tasks_by_coroutine"))
+        LAST_TRIMS[0] = heap_trims(text)
     return {"tasks": metric(text, "edge_asyncio_tasks") or 0, "tunnels": metric(text, "edge_tunnels") or 0,
             "blocks": metric(text, "edge_python_allocated_blocks") or 0, "fds": fds(pid), "rss": rss_mb(pid)}
 
@@ -209,6 +211,7 @@ async def main() -> int:
             ("edge open FDs", f"{base['fds']:.0f} -> {after['fds']:.0f}", "<= baseline", after["fds"] <= base["fds"]),
             ("edge RSS MB", f"{base['rss']:.1f} -> {after['rss']:.1f}", "within 10%",
              after["rss"] <= base["rss"] * 1.10),
+            ("edge heap trims (malloc_trim)", LAST_TRIMS[0], "(info)", True),
             ("edge Python blocks in use", f"{base['blocks']:.0f} -> {after['blocks']:.0f}", "(info)", True),
             ("edge tunnels", f"{base['tunnels']:.0f} -> {after['tunnels']:.0f}", "0 at the end", after["tunnels"] == 0),
             ("requests routed to a half-open agent past its deadline", str(res.late_routed), "0", res.late_routed == 0),

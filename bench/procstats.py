@@ -42,6 +42,20 @@ def grown(before: dict[str, float], after: dict[str, float]) -> str:
     return ", ".join(f"{k} +{d:.0f} ({before.get(k, 0):.0f} -> {after[k]:.0f})" for d, k in rises) or "none"
 
 
+def heap_trims(text: str) -> str:
+    """The edge's malloc_trim runs from its metrics: how many, the mean pause,
+    the bucket that bounds the longest one, and the RSS they gave back."""
+    n = metric(text, "edge_heap_trim_seconds_count") or 0
+    if not n:
+        return "none"
+    total = metric(text, "edge_heap_trim_seconds_sum") or 0
+    bound = next((float(m.group(1)) for m in re.finditer(
+        r'^edge_heap_trim_seconds_bucket{le="([0-9.e+-]+)"} ([0-9.e+-]+)$', text, re.M) if float(m.group(2)) >= n),
+        float("inf"))
+    released = (metric(text, "edge_heap_trim_released_bytes_total") or 0) / 2**20
+    return f"{n:.0f}, mean {total / n * 1000:.2f} ms, all <= {bound * 1000:g} ms, {released:.1f} MB released"
+
+
 def flat(samples: list[float], tolerance: float) -> tuple[bool, float]:
     """Whether the last sample stays within `tolerance` (fraction) of the
     first one after warm-up; returns (ok, relative change)."""

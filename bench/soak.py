@@ -27,7 +27,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.procstats import fds, flat, metric, rss_mb  # noqa: E402
+from bench.procstats import fds, flat, heap_trims, metric, rss_mb  # noqa: E402
 from tests.harness import System, make_pki  # noqa: E402
 
 
@@ -144,10 +144,13 @@ async def main() -> int:
 
         blocks: list[float] = []
 
+        trims = ["none"]
+
         async def edge_metrics() -> tuple[float | None, float | None]:
             """The edge's asyncio tasks and Python blocks in use."""
             async with system.http().get(edge + "/_edge/metrics", headers=system.auth()) as r:
                 text = await r.text()
+            trims[0] = heap_trims(text)
             return metric(text, "edge_asyncio_tasks"), metric(text, "edge_python_allocated_blocks")
 
         async def idle_tasks() -> float | None:
@@ -210,6 +213,7 @@ async def main() -> int:
             rows.append(("edge Python blocks (after warm-up -> end)",
                          f"{blocks[0]:.0f} -> {blocks[-1]:.0f} ({(blocks[-1] - blocks[0]) / blocks[0]:+.1%})",
                          "(info)", True))
+        rows.append(("edge heap trims (malloc_trim)", trims[0], "(info)", True))
         if idle_before is not None and idle_after is not None:
             # A leak only grows; fewer tasks at rest afterwards is fine.
             allowed = idle_before + max(2.0, idle_before * a.tolerance)

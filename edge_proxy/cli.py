@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("rate-limit", float, d.rate_limit, "requests/s per client key, 0 = off"),
         ("rate-burst", float, d.rate_burst, "burst size per client key"),
         ("grace", float, d.grace, "seconds to drain in-flight requests on SIGTERM"),
+        ("malloc-trim-interval", float, d.malloc_trim_interval,
+         "seconds between returns of freed heap pages to the system (glibc malloc_trim), 0 = never"),
     ]
     for name, typ, default, text in num:
         env = "EDGE_" + name.upper().replace("-", "_")
@@ -122,7 +124,7 @@ def config_from_args(a: argparse.Namespace) -> EdgeConfig:
         upstream_timeout=a.upstream_timeout, idle_timeout=a.idle_timeout, heartbeat_interval=a.heartbeat_interval,
         dead_after=a.dead_after, health=health, rate_limit=a.rate_limit, rate_burst=a.rate_burst, grace=a.grace,
         keepalive_timeout=a.keepalive_timeout, client_body_timeout=a.client_body_timeout, max_headers=a.max_headers,
-        max_field_size=a.max_field_size,
+        max_field_size=a.max_field_size, malloc_trim_interval=a.malloc_trim_interval,
     )
 
 

@@ -45,6 +45,9 @@ class EdgeConfig:
     rate_limit: float = 1000.0
     rate_burst: float = 2000.0
     auth_failures_per_minute: float = 60.0  # per client address, then 429
+    # Memory: seconds between returns of freed heap pages to the system (glibc
+    # malloc_trim; see tunnel/allocator.py), 0 = never
+    malloc_trim_interval: float = 30.0
     # Shutdown
     grace: float = 10.0
     tunnel_settings: PeerSettings = field(default_factory=PeerSettings)

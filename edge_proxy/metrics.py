@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 if TYPE_CHECKING:
     from .registry import Registry
 
+TRIM_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -48,6 +49,10 @@ class EdgeMetrics:
                                         "asyncio tasks alive by the coroutine they run (leak watch: names the path "
                                         "that keeps them)", ["coroutine"], registry=r)
         self.tunnels = Gauge("edge_tunnels", "Open worker tunnels", registry=r)
+        self.heap_trims = Histogram("edge_heap_trim_seconds", "Time the event loop spent returning freed heap pages "
+                                    "to the system (malloc_trim)", buckets=TRIM_BUCKETS, registry=r)
+        self.heap_trimmed = Counter("edge_heap_trim_released_bytes", "Resident memory returned to the system by "
+                                    "malloc_trim", registry=r)
         self.heap_blocks = Gauge("edge_python_allocated_blocks",
                                  "Python objects' memory blocks in use (leak watch: RSS can grow from allocator "
                                  "high-water marks while this stays flat)", registry=r)

@@ -13,8 +13,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from bench.procstats import metric
 from tests.harness import System, free_port, wait_for
-from tunnel import Connection, ErrorCode, Hello, Role
+from tunnel import Connection, ErrorCode, Hello, Role, allocator
 from tunnel.frames import FrameType, encode_frame
 
 
@@ -441,6 +442,21 @@ async def test_status_pages_metrics_and_readiness(system: System):
     for trick in ("/%5F_edge/workers", "//_edge/workers", "/x/../_edge/workers"):
         async with http.get(edge + trick, headers={"X-API-Key": system.pki.plain_key}) as r:
             assert r.status in (403, 404), trick  # never proxied, never served to a non-admin key
+
+
+@pytest.mark.skipif(allocator.heap_trimmer() is None, reason="malloc_trim is glibc's")
+async def test_edge_returns_freed_heap_pages_on_its_interval_and_reports_them(system: System):
+    _, edge = await system.edge("edge", None, "--malloc-trim-interval", "0.2")
+    http = system.http()
+
+    async def three_trims() -> bool:
+        async with http.get(edge + "/_edge/metrics", headers=system.auth()) as r:
+            return (metric(await r.text(), "edge_heap_trim_seconds_count") or 0) >= 3
+
+    await wait_for(three_trims, 10, "three heap trims")
+    _, quiet = await system.edge("quiet", None, "--malloc-trim-interval", "0")
+    async with http.get(quiet + "/_edge/metrics", headers=system.auth()) as r:
+        assert metric(await r.text(), "edge_heap_trim_seconds_count") == 0  # 0 turns it off
 
 
 async def test_edge_sigterm_drains_in_flight_requests_and_exits_0(system: System):
