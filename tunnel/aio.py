@@ -29,6 +29,14 @@ from .heartbeat import Heartbeat
 log = logging.getLogger(__name__)
 
 
+def _ignore_event(ev: Event) -> None:
+    pass
+
+
+def _ignore_dead(reason: str) -> None:
+    pass
+
+
 class StreamError(Exception):
     """A stream ended abnormally: reset by the peer, or the tunnel closed.
 
@@ -142,6 +150,16 @@ class TunnelIO:
                     await t
                 except (asyncio.CancelledError, Exception):
                     pass
+
+    def forget_owner(self) -> None:
+        """After `close()`: drop the owner's callbacks and the finished tasks.
+        Both hold the owner or this object (a bound method; a cancelled task's
+        traceback), so without this a closed tunnel's objects form reference
+        cycles and wait for a full garbage collection; with it, reference
+        counting frees them when the owner lets go."""
+        self._on_event = _ignore_event
+        self._on_dead = _ignore_dead
+        self._tasks = []
 
     async def drain_output(self) -> None:
         """Send whatever is queued (used before closing, e.g. a GOAWAY)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from types import SimpleNamespace
 
 from edge_proxy.app import STATE, make_app
@@ -30,3 +32,33 @@ async def test_health_check_loop_ends_with_its_tunnel_even_if_its_cancellation_i
     await session.io.close("agent gone")
     await asyncio.wait_for(checks, 2.0)  # a few check intervals, with margin
     assert checks.exception() is None
+
+
+async def test_a_closed_session_is_freed_by_reference_counting_not_by_the_cycle_collector():
+    # Churn showed the edge's memory following full garbage collections: closed
+    # tunnels waited in reference cycles. With the collector off, a closed
+    # session that forgets its TunnelIO's callbacks must go as soon as the
+    # last reference does.
+    cfg = EdgeConfig(health=HealthPolicy(check_interval=0.01, check_timeout=0.1))
+    state = make_app(cfg, CredentialStore(), CredentialStore())[STATE]
+
+    async def send(data: bytes) -> None:
+        pass
+
+    gc.disable()
+    try:
+        refs = []
+        for forget in (False, True):
+            session = EdgeSession(state, SimpleNamespace(remote="127.0.0.1"), SimpleNamespace(send_bytes=send), "t")  # type: ignore[arg-type]
+            session.io.start()
+            await asyncio.sleep(0.02)
+            await session.io.close("agent gone")
+            if forget:
+                session.io.forget_owner()
+            refs.append(weakref.ref(session))
+            del session
+        assert refs[0]() is not None, "without forget_owner the session is held by a cycle (the test can fail)"
+        assert refs[1]() is None, "a closed session that forgot its owner must be freed at once"
+    finally:
+        gc.enable()
+        gc.collect()
