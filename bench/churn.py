@@ -32,7 +32,6 @@ from tests.harness import System, make_pki, wait_for  # noqa: E402
 from tunnel import Connection, DataReceived, Hello, RequestReceived, ResponseHead, Role  # noqa: E402
 
 DEAD_AFTER = 3.0
-LAST_TRIMS = ["none"]  # the edge's heap trims, as of the last full sample
 MODES = ("clean", "kill", "halfopen")
 
 
@@ -102,16 +101,12 @@ async def anchor(url: str, system: System, stop: asyncio.Event) -> None:
         await fake_agent(url, system, "anchor", 5.0, "clean", res)
 
 
-async def edge_sample(system: System, edge: str, pid: int, by_coroutine: dict[str, float] | None = None
-                      ) -> dict[str, float]:
+async def edge_sample(system: System, edge: str, pid: int) -> tuple[dict[str, float], str]:
+    """The edge's figures, and its metrics text for anything else."""
     async with system.http().get(edge + "/_edge/metrics", headers=system.auth()) as r:
         text = await r.text()
-    if by_coroutine is not None:
-        by_coroutine.clear()
-        by_coroutine.update(labelled(text, "edge_asyncio_tasks_by_coroutine"))
-        LAST_TRIMS[0] = heap_trims(text)
     return {"tasks": metric(text, "edge_asyncio_tasks") or 0, "tunnels": metric(text, "edge_tunnels") or 0,
-            "blocks": metric(text, "edge_python_allocated_blocks") or 0, "fds": fds(pid), "rss": rss_mb(pid)}
+            "blocks": metric(text, "edge_python_allocated_blocks") or 0, "fds": fds(pid), "rss": rss_mb(pid)}, text
 
 
 async def main() -> int:
@@ -146,8 +141,8 @@ async def main() -> int:
 
         await asyncio.gather(*(warm(i) for i in range(max(6, a.warmup_cycles))))
         await asyncio.sleep(DEAD_AFTER + 1)
-        base_tasks: dict[str, float] = {}
-        base = await edge_sample(system, edge, edge_proc.pid, base_tasks)
+        base, text = await edge_sample(system, edge, edge_proc.pid)
+        base_tasks = labelled(text, "edge_asyncio_tasks_by_coroutine")
         print(f"baseline: {base}", flush=True)
         print(f"baseline tasks by coroutine: {base_tasks}", flush=True)
 
@@ -176,7 +171,7 @@ async def main() -> int:
             async with sem:
                 await fake_agent(url, system, f"churn{i}", rng.uniform(0.1, 0.8), MODES[i % 3], res)
                 if i % 100 == 99:
-                    s = await edge_sample(system, edge, edge_proc.pid)
+                    s, _ = await edge_sample(system, edge, edge_proc.pid)
                     print(f"  {i + 1} cycles, {time.monotonic() - started:.0f} s, edge RSS {s['rss']:.1f} MB, "
                           f"Python blocks {s['blocks']:.0f}", flush=True)
 
@@ -187,15 +182,15 @@ async def main() -> int:
         await asyncio.gather(anchor_task, return_exceptions=True)
 
         async def settled() -> bool:
-            s = await edge_sample(system, edge, edge_proc.pid)
+            s, _ = await edge_sample(system, edge, edge_proc.pid)
             return s["tunnels"] == 0 and s["tasks"] <= base["tasks"] - base["tunnels"] * 3 + 2
 
         try:
             await wait_for(settled, DEAD_AFTER + 10, "the edge to settle")
         except AssertionError:
             pass
-        after_tasks: dict[str, float] = {}
-        after = await edge_sample(system, edge, edge_proc.pid, after_tasks)
+        after, text = await edge_sample(system, edge, edge_proc.pid)
+        after_tasks = labelled(text, "edge_asyncio_tasks_by_coroutine")
         # Tasks of sessions and their tunnels must go with them (a lost
         # cancellation once kept a health-check loop alive).
         tunnel_tasks = sum(n for name, n in after_tasks.items() if name.startswith(("EdgeSession.", "TunnelIO.")))
@@ -211,7 +206,7 @@ async def main() -> int:
             ("edge open FDs", f"{base['fds']:.0f} -> {after['fds']:.0f}", "<= baseline", after["fds"] <= base["fds"]),
             ("edge RSS MB", f"{base['rss']:.1f} -> {after['rss']:.1f}", "within 10%",
              after["rss"] <= base["rss"] * 1.10),
-            ("edge heap trims (malloc_trim)", LAST_TRIMS[0], "(info)", True),
+            ("edge heap trims (malloc_trim)", heap_trims(text), "(info)", True),
             ("edge Python blocks in use", f"{base['blocks']:.0f} -> {after['blocks']:.0f}", "(info)", True),
             ("edge tunnels", f"{base['tunnels']:.0f} -> {after['tunnels']:.0f}", "0 at the end", after["tunnels"] == 0),
             ("requests routed to a half-open agent past its deadline", str(res.late_routed), "0", res.late_routed == 0),

@@ -144,13 +144,13 @@ async def main() -> int:
 
         blocks: list[float] = []
 
-        trims = ["none"]
+        async def metrics_text() -> str:
+            async with system.http().get(edge + "/_edge/metrics", headers=system.auth()) as r:
+                return await r.text()
 
         async def edge_metrics() -> tuple[float | None, float | None]:
             """The edge's asyncio tasks and Python blocks in use."""
-            async with system.http().get(edge + "/_edge/metrics", headers=system.auth()) as r:
-                text = await r.text()
-            trims[0] = heap_trims(text)
+            text = await metrics_text()
             return metric(text, "edge_asyncio_tasks"), metric(text, "edge_python_allocated_blocks")
 
         async def idle_tasks() -> float | None:
@@ -213,7 +213,7 @@ async def main() -> int:
             rows.append(("edge Python blocks (after warm-up -> end)",
                          f"{blocks[0]:.0f} -> {blocks[-1]:.0f} ({(blocks[-1] - blocks[0]) / blocks[0]:+.1%})",
                          "(info)", True))
-        rows.append(("edge heap trims (malloc_trim)", trims[0], "(info)", True))
+        rows.append(("edge heap trims (malloc_trim)", heap_trims(await metrics_text()), "(info)", True))
         if idle_before is not None and idle_after is not None:
             # A leak only grows; fewer tasks at rest afterwards is fine.
             allowed = idle_before + max(2.0, idle_before * a.tolerance)

@@ -14,18 +14,24 @@ from edge_proxy.health import HealthPolicy
 from edge_proxy.session import EdgeSession
 
 
-async def test_health_check_loop_ends_with_its_tunnel_even_if_its_cancellation_is_lost():
-    # On Python 3.11 asyncio.wait_for can swallow a cancel that arrives as its
-    # inner future completes; the churn tool once found such a loop still
-    # running, holding its whole session, after the tunnel had closed. Here
-    # the loop is never cancelled at all: closing the tunnel must be enough.
+def open_session() -> EdgeSession:
+    """A session on a real TunnelIO and Connection; only the WebSocket and the
+    request are stand-ins (nothing here reads from them)."""
     cfg = EdgeConfig(health=HealthPolicy(check_interval=0.01, check_timeout=0.1))
     state = make_app(cfg, CredentialStore(), CredentialStore())[STATE]
 
     async def send(data: bytes) -> None:
         pass
 
-    session = EdgeSession(state, SimpleNamespace(remote="127.0.0.1"), SimpleNamespace(send_bytes=send), "t")  # type: ignore[arg-type]
+    return EdgeSession(state, SimpleNamespace(remote="127.0.0.1"), SimpleNamespace(send_bytes=send), "t")  # type: ignore[arg-type]
+
+
+async def test_health_check_loop_ends_with_its_tunnel_even_if_its_cancellation_is_lost():
+    # On Python 3.11 asyncio.wait_for can swallow a cancel that arrives as its
+    # inner future completes; the churn tool once found such a loop still
+    # running, holding its whole session, after the tunnel had closed. Here
+    # the loop is never cancelled at all: closing the tunnel must be enough.
+    session = open_session()
     checks = asyncio.create_task(session._health_checks())
     await asyncio.sleep(0.05)
     assert not checks.done(), "the loop runs while its tunnel is open"
@@ -39,17 +45,11 @@ async def test_a_closed_session_is_freed_by_reference_counting_not_by_the_cycle_
     # tunnels waited in reference cycles. With the collector off, a closed
     # session that forgets its TunnelIO's callbacks must go as soon as the
     # last reference does.
-    cfg = EdgeConfig(health=HealthPolicy(check_interval=0.01, check_timeout=0.1))
-    state = make_app(cfg, CredentialStore(), CredentialStore())[STATE]
-
-    async def send(data: bytes) -> None:
-        pass
-
     gc.disable()
     try:
         refs = []
         for forget in (False, True):
-            session = EdgeSession(state, SimpleNamespace(remote="127.0.0.1"), SimpleNamespace(send_bytes=send), "t")  # type: ignore[arg-type]
+            session = open_session()
             session.io.start()
             await asyncio.sleep(0.02)
             await session.io.close("agent gone")
