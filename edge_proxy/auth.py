@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.cli import StartupError
+
 log = logging.getLogger(__name__)
 
 CLIENT_KEY_PREFIX = "eik_"
@@ -49,9 +51,9 @@ class CredentialStore:
         try:
             raw = json.loads(p.read_text())
         except FileNotFoundError:
-            raise SystemExit(f"error: credentials file {p} not found; create it with `edge-proxy keys create --file {p} --name NAME`") from None
+            raise StartupError(f"credentials file {p} not found; create it with `edge-proxy keys create --file {p} --name NAME`") from None
         except (ValueError, OSError) as exc:
-            raise SystemExit(f"error: cannot read credentials file {p}: {exc}") from None
+            raise StartupError(f"cannot read credentials file {p}: {exc}") from None
         _warn_if_readable_by_others(p)
         creds = []
         for item in raw.get("credentials", []):
@@ -87,7 +89,7 @@ def create(path: str | Path, name: str, prefix: str, admin: bool = True, rate: f
     if p.exists():
         data = json.loads(p.read_text())
     if any(c.get("name") == name for c in data.get("credentials", [])):
-        raise SystemExit(f"error: a credential named {name!r} already exists in {p}; pick another --name or revoke it first")
+        raise StartupError(f"a credential named {name!r} already exists in {p}; pick another --name or revoke it first")
     secret = prefix + secrets.token_urlsafe(32)
     entry: dict[str, object] = {"name": name, "sha256": digest(secret).hex(), "admin": admin,
                                 "created": int(time.time())}

@@ -1,53 +1,93 @@
-"""Settings of the edge proxy, with their documented defaults."""
+"""Settings of the edge proxy, each declared once: its default, flag
+(`--field-name`), environment variable (`EDGE_FIELD_NAME`) and help come from
+the field below (runtime/settings.py). `edge-proxy serve --help`,
+deploy/systemd/edge-proxy.env and docs/settings.md follow from it."""
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 
+from runtime.settings import option
 from tunnel import PeerSettings
 
 from .health import HealthPolicy
 
 
+def parse_hostport(value: str) -> str:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+LISTEN = "Where and how to listen"
+LIMITS = "Limits"
+TIMEOUTS = "Timeouts"
+TUNNELS = "Tunnels and health"
+CLIENTS = "Client rate limits"
+PROCESS = "Process"
+
+
 @dataclass(slots=True)
 class EdgeConfig:
-    host: str = "0.0.0.0"
-    port: int = 8443
-    cert: str | None = None
-    key: str | None = None
-    client_keys: str | None = None
-    worker_tokens: str | None = None
-    worker_ca: str | None = None  # optional mTLS for agents
-    require_worker_cert: bool = False
+    listen: str = option("0.0.0.0:8443", parse=parse_hostport, metavar="HOST:PORT", group=LISTEN,
+                         help="HOST:PORT to serve HTTPS on")
+    cert: str | None = option(None, group=LISTEN, metavar="FILE", help="server certificate PEM")
+    key: str | None = option(None, group=LISTEN, metavar="FILE", help="server private key PEM")
+    client_keys: str | None = option(None, group=LISTEN, metavar="FILE",
+                                     help="client API key file (edge-proxy keys create)")
+    worker_tokens: str | None = option(None, group=LISTEN, metavar="FILE",
+                                       help="worker token file (edge-proxy tokens create)")
+    worker_ca: str | None = option(None, group=LISTEN, metavar="FILE",
+                                   help="CA that signs worker client certificates; enables mTLS for agents")
+    require_worker_cert: bool = option(False, group=LISTEN,
+                                       help="refuse tunnels without a worker client certificate")
+    insecure_http: bool = option(False, group=LISTEN,
+                                 help="serve plain HTTP (only behind a TLS-terminating load balancer)")
     # Limits
-    max_body: int = 64 * 1024 * 1024  # request body bytes -> 413 beyond
-    buffer_response: int = 1024 * 1024  # responses up to this size are buffered, so Server-Timing can carry `edge`
-    replay_buffer: int = 1024 * 1024  # request bytes kept to retry a refused request on another worker
-    # Admission
-    queue_timeout: float = 5.0  # longest wait for a free worker slot -> 503
-    max_queue: int = 1000  # waiting requests per pool -> 503 beyond
+    max_body: int = option(64 * 1024 * 1024, group=LIMITS, help="largest request body in bytes; larger -> 413")
+    buffer_response: int = option(1024 * 1024, group=LIMITS,
+                                  help="responses up to this many bytes are buffered so Server-Timing can carry "
+                                       "`edge`; larger ones stream")
+    replay_buffer: int = option(1024 * 1024, group=LIMITS,
+                                help="request body bytes kept to retry a refused request on another worker")
+    queue_timeout: float = option(5.0, group=LIMITS, help="seconds a request may wait for a worker slot before 503")
+    max_queue: int = option(1000, group=LIMITS, help="requests that may wait per pool before 503")
+    max_headers: int = option(100, group=LIMITS, help="header lines per request; more -> 400")
+    max_field_size: int = option(8190, group=LIMITS, help="bytes per header line; more -> 400")
     # Timeouts
-    upstream_timeout: float = 60.0  # request sent -> response head -> 504
-    idle_timeout: float = 60.0  # no response byte for this long -> 504 / abort
-    handshake_timeout: float = 5.0
-    # A connection must deliver a complete request head within this long of
-    # opening or of its previous response (bounds slowloris on headers).
-    keepalive_timeout: float = 15.0
-    client_body_timeout: float = 30.0  # a request body may stall this long between chunks -> 408
-    max_headers: int = 100  # header lines per request -> 400 beyond
-    max_field_size: int = 8190  # bytes per header line -> 400 beyond
-    # Liveness
-    heartbeat_interval: float = 1.0
-    dead_after: float = 3.0  # a tunnel silent this long is declared dead
+    upstream_timeout: float = option(60.0, group=TIMEOUTS, help="seconds from request sent to response head before 504")
+    idle_timeout: float = option(60.0, group=TIMEOUTS, help="seconds without a response byte before 504/abort")
+    handshake_timeout: float = option(5.0, group=TIMEOUTS, help="seconds a new tunnel may take to send its HELLO")
+    keepalive_timeout: float = option(15.0, group=TIMEOUTS,
+                                      help="seconds a connection may take to send a complete request head (also "
+                                           "the idle keep-alive; bounds slowloris)")
+    client_body_timeout: float = option(30.0, group=TIMEOUTS, help="seconds a request body may stall before 408")
+    # Liveness and health
+    heartbeat_interval: float = option(1.0, group=TUNNELS, help="seconds between tunnel pings")
+    dead_after: float = option(3.0, group=TUNNELS, help="a tunnel silent this many seconds is dead")
     health: HealthPolicy = field(default_factory=HealthPolicy)
-    health_path: str = "/healthz"
+    health_path: str = option("/healthz", group=TUNNELS, help="path of the active health checks")
     # Rate limits (per client key); 0 disables
-    rate_limit: float = 1000.0
-    rate_burst: float = 2000.0
-    auth_failures_per_minute: float = 60.0  # per client address, then 429
-    # Memory: seconds between returns of freed heap pages to the system (glibc
-    # malloc_trim; see tunnel/allocator.py), 0 = never
-    malloc_trim_interval: float = 30.0
-    # Shutdown
-    grace: float = 10.0
+    rate_limit: float = option(1000.0, group=CLIENTS, help="requests/s per client key, 0 = off")
+    rate_burst: float = option(2000.0, group=CLIENTS, help="burst size per client key")
+    auth_failures_per_minute: float = option(60.0, group=CLIENTS,
+                                             help="failed authentications per minute from one address before 429")
+    # Process
+    malloc_trim_interval: float = option(30.0, group=PROCESS,
+                                         help="seconds between returns of freed heap pages to the system (glibc "
+                                              "malloc_trim), 0 = never")
+    grace: float = option(10.0, group=PROCESS, help="seconds to drain in-flight requests on SIGTERM")
+    log_level: str = option("info", group=PROCESS, choices=("debug", "info", "warning", "error"), help="log level")
+    loop: str = option("auto", group=PROCESS, choices=("auto", "uvloop", "asyncio"),
+                       help="event loop: auto picks uvloop when installed")
     tunnel_settings: PeerSettings = field(default_factory=PeerSettings)
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from runtime.settings import option
+
+GROUP = "Health checks and outlier ejection"
+
 
 @dataclass(frozen=True, slots=True)
 class HealthPolicy:
@@ -17,13 +21,13 @@ class HealthPolicy:
       capped at `max_ejection_time`.
     """
 
-    check_interval: float = 2.0
-    check_timeout: float = 1.0
-    unhealthy_threshold: int = 2
-    healthy_threshold: int = 1
-    consecutive_failures: int = 5
-    base_ejection_time: float = 5.0
-    max_ejection_time: float = 60.0
+    check_interval: float = option(2.0, group=GROUP, help="seconds between active health checks of each worker")
+    check_timeout: float = option(1.0, group=GROUP, help="seconds an active check may take")
+    unhealthy_threshold: int = option(2, group=GROUP, help="failed checks in a row -> unhealthy")
+    healthy_threshold: int = option(1, group=GROUP, help="passed checks in a row -> healthy")
+    consecutive_failures: int = option(5, group=GROUP, help="5xx/timeouts in a row -> ejected")
+    base_ejection_time: float = option(5.0, group=GROUP, help="first ejection in seconds (the n-th lasts n times it)")
+    max_ejection_time: float = option(60.0, group=GROUP, help="longest ejection in seconds")
 
 
 @dataclass(slots=True)

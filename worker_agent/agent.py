@@ -14,6 +14,8 @@ import aiohttp
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from relay.io import StreamChannel, TunnelIO
+from runtime.cli import StartupError
 from tunnel import (
     Connection,
     ErrorCode,
@@ -30,7 +32,6 @@ from tunnel import (
     WelcomeReceived,
     WorkerStatus,
 )
-from tunnel.aio import StreamChannel, TunnelIO
 
 from . import __version__
 from .backoff import Backoff
@@ -50,12 +51,12 @@ def client_ssl_context(cfg: AgentConfig) -> ssl.SSLContext:
         try:
             ctx.load_verify_locations(cfg.ca)
         except (OSError, ssl.SSLError) as exc:
-            raise SystemExit(f"error: cannot load CA file {cfg.ca}: {exc}; pass the edge's ca.pem with --ca") from None
+            raise StartupError(f"cannot load CA file {cfg.ca}: {exc}; pass the edge's ca.pem with --ca") from None
     if cfg.client_cert:
         try:
             ctx.load_cert_chain(cfg.client_cert, cfg.client_key)
         except (OSError, ssl.SSLError) as exc:
-            raise SystemExit(f"error: cannot load client certificate {cfg.client_cert}: {exc}") from None
+            raise StartupError(f"cannot load client certificate {cfg.client_cert}: {exc}") from None
     if cfg.insecure:
         log.warning("TLS certificate verification of the edge is OFF (--insecure): anyone on the path can "
                     "impersonate the edge and read every request")
@@ -270,13 +271,13 @@ class TunnelClient:
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         if not config.edges:
-            raise SystemExit("error: no edge given; pass --edge wss://HOST:PORT/_edge/tunnel")
+            raise StartupError("no edge given; pass --edge wss://HOST:PORT/_edge/tunnel")
         if not config.token:
-            raise SystemExit("error: no worker token; pass --token or --token-file (create one with "
+            raise StartupError("no worker token; pass --token or --token-file (create one with "
                              "`edge-proxy tokens create`)")
         for url in config.edges:
             if not url.startswith(("wss://", "ws://")):
-                raise SystemExit(f"error: edge URL {url!r} must start with wss:// (or ws:// for plain tests)")
+                raise StartupError(f"edge URL {url!r} must start with wss:// (or ws:// for plain tests)")
         self.config = config
         self.settings = PeerSettings()
         self.ssl_context = client_ssl_context(config)

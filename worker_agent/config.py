@@ -1,29 +1,67 @@
-"""Settings of the worker agent, with their documented defaults."""
+"""Settings of the worker agent, each declared once: its default, flag
+(`--field-name`), environment variable (`AGENT_FIELD_NAME`) and help come from
+the field below (runtime/settings.py). `worker-agent --help`,
+deploy/systemd/worker-agent.env and docs/settings.md follow from it."""
 
 from __future__ import annotations
 
+import argparse
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from runtime.settings import option
+
+EDGE = "The edge(s) and credentials"
+WORK = "The upstream and the work it takes"
+TIMING = "Timeouts and liveness"
+PROCESS = "Process"
+
+
+def parse_label(value: str) -> tuple[str, str]:
+    k, sep, v = value.partition("=")
+    if not sep or not k:
+        raise argparse.ArgumentTypeError(f"a label is KEY=VALUE, got {value!r}")
+    return k, v
+
+
+def parse_capacity(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 @dataclass(slots=True)
 class AgentConfig:
-    edges: list[str] = field(default_factory=list)  # wss://host:port/_edge/tunnel, one tunnel set per edge
-    token: str = ""
-    ca: str | None = None  # CA file that signs the edge certificate; None = system trust store
-    insecure: bool = False  # skip certificate verification (logged loudly)
-    client_cert: str | None = None  # optional mTLS
-    client_key: str | None = None
-    upstream: str = "http://127.0.0.1:8000"
-    pool: str = "default"
-    capacity: int = 4
-    agent_id: str = field(default_factory=socket.gethostname)
-    tunnels_per_edge: int = 1
-    labels: dict[str, str] = field(default_factory=dict)
-    health_path: str = "/healthz"
-    health_interval: float = 2.0
-    upstream_timeout: float = 300.0  # a whole upstream exchange
-    buffer_response: int = 256 * 1024  # responses up to this size are read whole, so `agent` timing is complete
-    grace: float = 10.0  # seconds to finish in-flight requests on SIGTERM
-    heartbeat_interval: float = 1.0
-    dead_after: float = 3.0
+    edges: list[str] = option(default_factory=list, flag="--edge", env="AGENT_EDGE", repeat=True, group=EDGE,
+                              metavar="URL", help="edge tunnel URL wss://HOST:PORT/_edge/tunnel; repeat for several "
+                                                  "edges (the variable is comma-separated)")
+    token: str = option("", group=EDGE, secret=True, help="worker token (edge-proxy tokens create)")
+    token_file: str | None = option(None, group=EDGE, metavar="FILE", help="file holding the worker token")
+    ca: str | None = option(None, group=EDGE, metavar="FILE",
+                            help="CA file that signs the edge certificate; unset = the system trust store")
+    insecure: bool = option(False, group=EDGE,
+                            help="do NOT verify the edge certificate (testing only; logs a warning)")
+    client_cert: str | None = option(None, group=EDGE, metavar="FILE", help="client certificate for mTLS")
+    client_key: str | None = option(None, group=EDGE, metavar="FILE", help="its private key")
+    upstream: str = option("http://127.0.0.1:8000", group=WORK, metavar="URL", help="local inference server")
+    pool: str = option("default", group=WORK, help="pool this worker serves")
+    capacity: int = option(4, parse=parse_capacity, group=WORK, help="requests this worker takes at once")
+    agent_id: str = option(default_factory=socket.gethostname, flag="--id", env="AGENT_ID", group=WORK,
+                           show=lambda _: "the host name", help="worker id, unique per edge")
+    tunnels_per_edge: int = option(1, group=WORK, help="parallel tunnels to each edge")
+    labels: dict[str, str] = option(default_factory=dict, flag="--label", repeat=True, parse=parse_label,
+                                    group=WORK, metavar="KEY=VALUE",
+                                    help="KEY=VALUE shown at the edge; repeat (the variable is comma-separated)")
+    health_path: str = option("/healthz", group=WORK, help="upstream health path")
+    health_interval: float = option(2.0, group=WORK, help="seconds between upstream health probes")
+    upstream_timeout: float = option(300.0, group=TIMING, help="seconds one upstream exchange may take")
+    buffer_response: int = option(256 * 1024, group=TIMING,
+                                  help="responses up to this many bytes are read whole, so `agent` timing is "
+                                       "complete; larger ones stream")
+    grace: float = option(10.0, group=TIMING, help="seconds to finish in-flight requests on SIGTERM")
+    heartbeat_interval: float = option(1.0, group=TIMING, help="seconds between tunnel pings")
+    dead_after: float = option(3.0, group=TIMING, help="an edge silent this long is dead; reconnect")
+    log_level: str = option("info", group=PROCESS, choices=("debug", "info", "warning", "error"), help="log level")
+    loop: str = option("auto", group=PROCESS, choices=("auto", "uvloop", "asyncio"),
+                       help="event loop: auto picks uvloop when installed")

@@ -91,7 +91,7 @@ def parse_help(text: str) -> Cli:
     defaults = {}
     for block in blocks:
         option = re.search(r"--[a-z0-9-]+", block)
-        default = re.search(r"\(default: (.*)\)\s*$", block)
+        default = re.search(r"[(,] ?default: (.*)\)\s*$", block)
         if option and default:
             defaults[option.group(0)] = default.group(1)
     return Cli(names, defaults)

@@ -13,6 +13,7 @@ from edge_proxy.app import normalized_path
 from edge_proxy.balancer import Ewma, choose
 from edge_proxy.health import HealthPolicy, WorkerHealth
 from edge_proxy.ratelimit import RateLimiter, TokenBucket
+from runtime.cli import StartupError
 from edge_proxy.registry import NoWorkerAvailable, Registry
 from worker_agent.backoff import Backoff
 
@@ -156,7 +157,7 @@ def test_credentials_are_stored_hashed_and_verified(tmp_path):
     assert store.verify(secret).name == "alice"
     assert store.verify(secret + "x") is None
     assert store.verify("") is None
-    with pytest.raises(SystemExit):
+    with pytest.raises(StartupError, match="already exists"):
         auth.create(f, "alice", auth.CLIENT_KEY_PREFIX)
     assert auth.presented_key("Bearer abc", None) == "abc"
     assert auth.presented_key(None, "k") == "k"

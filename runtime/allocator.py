@@ -1,5 +1,5 @@
-"""Process memory settings of the edge and the agent (part of the runtime
-shell, like `eventloop.py`): pin glibc's mmap threshold so that RSS stays flat
+"""Process memory settings of the edge and the agent (part of the process
+runtime, like `eventloop.py`): pin glibc's mmap threshold so that RSS stays flat
 under sustained TLS traffic, and hand freed heap pages back to the system.
 
 Why: on their copying read path (aiohttp's), asyncio and uvloop read TLS with

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
+from runtime import allocator
 from tests.harness import ROOT
-from tunnel import allocator
 
 # Runs in a fresh interpreter, so no earlier allocation in the test process
 # has moved the threshold. Prints 1 if an 8 MiB block allocated after a 16 MiB
@@ -23,7 +23,7 @@ from tunnel import allocator
 # decides. The buffers of the real case are 256 KiB: the same rule.)
 PROBE = """
 import ctypes, ctypes.util, sys
-from tunnel import allocator
+from runtime import allocator
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tunnel import eventloop
+from runtime import eventloop
 
 
 async def loop_module() -> str:
