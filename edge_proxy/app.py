@@ -13,21 +13,20 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from aiohttp import web
 
-from tunnel import allocator
+from runtime import allocator
 
 from . import proxy
 from .auth import CredentialStore, presented_key
 from .config import EdgeConfig
 from .errors import error_response
-from .metrics import EdgeMetrics
 from .ratelimit import RateLimiter
 from .registry import Pool, Registry, Worker
 from .session import EdgeSession
+from .state import STATE, EdgeState
 
 log = logging.getLogger("edge_proxy")
 
@@ -36,23 +35,6 @@ PUBLIC_PATHS = {"/_edge/health", "/_edge/ready"}
 ADMIN_PATHS = {"/_edge/metrics", "/_edge/workers", "/_edge/", "/_edge"}
 
 
-@dataclass(eq=False)
-class EdgeState:
-    config: EdgeConfig
-    client_keys: CredentialStore
-    worker_tokens: CredentialStore
-    registry: Registry = field(default_factory=Registry)
-    metrics: EdgeMetrics = field(default_factory=EdgeMetrics)
-    limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0, 0))
-    auth_failures: RateLimiter = field(default_factory=lambda: RateLimiter(1, 60))
-    sessions: set[EdgeSession] = field(default_factory=set)
-    in_flight: int = 0
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-    draining: bool = False
-    started: float = field(default_factory=time.time)
-
-
-STATE = web.AppKey("state", EdgeState)
 
 
 def normalized_path(raw_path: str) -> str:
@@ -189,7 +171,7 @@ def worker_info(w: Worker, now: float) -> dict[str, object]:
 def admin_page(state: EdgeState, norm: str) -> web.Response:
     now = time.monotonic()
     if norm == "/_edge/metrics":
-        return web.Response(body=state.metrics.render(state.registry),
+        return web.Response(body=state.metrics.render(state.registry.snapshot()),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
     workers = [worker_info(w, now) for w in state.registry.workers.values()]
     if norm == "/_edge/workers":

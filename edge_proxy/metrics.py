@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
-    from .registry import Registry
+    from .registry import RegistrySnapshot
 
 TRIM_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -57,28 +56,28 @@ class EdgeMetrics:
                                  "Python objects' memory blocks in use (leak watch: RSS can grow from allocator "
                                  "high-water marks while this stays flat)", registry=r)
 
-    def render(self, reg: Registry) -> bytes:
+    def render(self, snap: RegistrySnapshot) -> bytes:
         """Refresh the gauges that describe current state, then serialise."""
-        now = time.monotonic()
         self.workers.clear()
         self.tunnel_rtt.clear()
-        for pool in reg.pools.values():
-            states: dict[str, int] = {}
-            for w in pool.workers:
-                st = w.health.state(now) if w.live_session() else "disconnected"
-                states[st] = states.get(st, 0) + 1
-                rtt = w.rtt()
-                if rtt is not None:
-                    self.tunnel_rtt.labels(w.agent_id, pool.name).set(rtt)
-            for st, n in states.items():
-                self.workers.labels(pool.name, st).set(n)
-            self.outstanding.labels(pool.name).set(sum(w.in_flight for w in pool.workers))
-            self.waiting.labels(pool.name).set(len(pool.waiters))
+        states: dict[tuple[str, str], int] = {}
+        outstanding: dict[str, int] = dict.fromkeys(snap.waiting, 0)
+        for w in snap.workers:
+            states[(w.pool, w.state)] = states.get((w.pool, w.state), 0) + 1
+            outstanding[w.pool] = outstanding.get(w.pool, 0) + w.in_flight
+            if w.rtt is not None:
+                self.tunnel_rtt.labels(w.agent_id, w.pool).set(w.rtt)
+        for (pool, st), n in states.items():
+            self.workers.labels(pool, st).set(n)
+        for pool, n in outstanding.items():
+            self.outstanding.labels(pool).set(n)
+        for pool, n in snap.waiting.items():
+            self.waiting.labels(pool).set(n)
         self.heap_blocks.set(sys.getallocatedblocks())
         tasks = asyncio.all_tasks()
         self.tasks.set(len(tasks))
         self.tasks_by_coroutine.clear()
         for name, n in tasks_by_coroutine(tasks).items():
             self.tasks_by_coroutine.labels(name).set(n)
-        self.tunnels.set(sum(len(w.sessions) for w in reg.workers.values()))
+        self.tunnels.set(sum(w.tunnels for w in snap.workers))
         return generate_latest(self.registry)

@@ -15,17 +15,19 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tunnel import ErrorCode, RequestHead, ResponseHead
-from tunnel.aio import StreamChannel, StreamError, TunnelIO
-from tunnel.headers import end_to_end, merge_server_timing, timing_entry
+from httpcontract.timing import entry as timing_entry
+from httpcontract.timing import merge as merge_server_timing
+from relay.headers import end_to_end
+from relay.io import StreamChannel, TunnelIO
+from tunnel import ErrorCode, RequestHead, ResponseHead, StreamError
 
 from .errors import error_response
 from .registry import NoWorkerAvailable
 from .session import EdgeSession, HeadTooLarge
 
 if TYPE_CHECKING:
-    from .app import EdgeState
     from .registry import Worker
+    from .state import EdgeState
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +185,7 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
         ok: bool | None = None
         latency: float | None = None
         try:
-            if session is None:
+            if not isinstance(session, EdgeSession):  # None: its last tunnel just closed
                 raise RetryElsewhere()
             resp, ok, latency = await _exchange(state, request, request_id, session, head, has_body, body, lb,
                                                 started)

@@ -10,14 +10,29 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from . import balancer
 from .balancer import Ewma
 from .health import HealthPolicy, WorkerHealth
 
-if TYPE_CHECKING:
-    from .session import EdgeSession
+
+class TunnelSession(Protocol):
+    """What the registry (and the edge's drain) needs of one worker tunnel;
+    `session.EdgeSession` is the real one, tests may pass their own."""
+
+    @property
+    def accepting(self) -> bool: ...
+
+    @property
+    def open_streams(self) -> int: ...
+
+    @property
+    def rtt(self) -> float | None: ...
+
+    def abort(self, reason: str) -> None: ...
+
+    def goaway(self, reason: str) -> None: ...
 
 
 class NoWorkerAvailable(Exception):
@@ -41,7 +56,7 @@ class Worker:
     token_name: str = ""
     software: str = ""
     labels: dict[str, str] = field(default_factory=dict)
-    sessions: dict[str, EdgeSession] = field(default_factory=dict)  # tunnel index -> session
+    sessions: dict[str, TunnelSession] = field(default_factory=dict)  # tunnel index -> session
     in_flight: int = 0
     served: int = 0
     errors: int = 0
@@ -52,7 +67,7 @@ class Worker:
     def ewma_latency(self) -> float:
         return self.latency.value
 
-    def live_session(self) -> EdgeSession | None:
+    def live_session(self) -> TunnelSession | None:
         best = None
         for s in self.sessions.values():
             if s.accepting and (best is None or s.open_streams < best.open_streams):
@@ -82,6 +97,24 @@ class Lease:
         self.registry.release(self, ok, latency)
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerSnapshot:
+    agent_id: str
+    pool: str
+    state: str
+    rtt: float | None
+    in_flight: int
+    tunnels: int
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrySnapshot:
+    """The registry's state as plain data, for metrics and status pages."""
+
+    workers: tuple[WorkerSnapshot, ...]
+    waiting: dict[str, int]  # pool -> requests waiting for a slot
+
+
 class Pool:
     def __init__(self, name: str) -> None:
         self.name = name
@@ -107,8 +140,8 @@ class Registry:
         self.on_ejection = on_ejection
 
     # ----------------------------------------------------------- membership
-    def attach(self, session: EdgeSession, agent_id: str, pool: str, capacity: int, tunnel: str, token_name: str,
-               software: str = "", labels: dict[str, str] | None = None) -> tuple[Worker, EdgeSession | None]:
+    def attach(self, session: TunnelSession, agent_id: str, pool: str, capacity: int, tunnel: str, token_name: str,
+               software: str = "", labels: dict[str, str] | None = None) -> tuple[Worker, TunnelSession | None]:
         """Add a session; returns the worker and the stale session it replaced (to close)."""
         w = self.workers.get(agent_id)
         if w is not None and w.pool != pool:
@@ -127,7 +160,7 @@ class Registry:
         self.wake(pool)
         return w, stale
 
-    def detach(self, worker: Worker, tunnel: str, session: EdgeSession) -> None:
+    def detach(self, worker: Worker, tunnel: str, session: TunnelSession) -> None:
         if worker.sessions.get(tunnel) is session:
             del worker.sessions[tunnel]
         if not worker.sessions and self.workers.get(worker.agent_id) is worker:
@@ -140,6 +173,14 @@ class Registry:
             pool.workers.remove(w)
         # Waiters stay queued: another worker (or this one, reconnecting) may
         # free a slot before their deadline.
+
+    def snapshot(self) -> RegistrySnapshot:
+        now = self.clock()
+        workers = tuple(
+            WorkerSnapshot(w.agent_id, w.pool, w.health.state(now) if w.live_session() else "disconnected", w.rtt(),
+                           w.in_flight, len(w.sessions))
+            for p in self.pools.values() for w in p.workers)
+        return RegistrySnapshot(workers, {name: len(p.waiters) for name, p in self.pools.items()})
 
     def pool_names(self) -> list[str]:
         return sorted(name for name, p in self.pools.items() if p.workers or name == "default")

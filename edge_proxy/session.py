@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import WSMsgType, web
 
+from relay.io import StreamChannel, TunnelIO
 from tunnel import (
     PROTOCOL_VERSIONS,
     Connection,
@@ -23,14 +24,14 @@ from tunnel import (
     RequestHead,
     Role,
     StatusReceived,
+    StreamError,
     UsageError,
 )
-from tunnel.aio import StreamChannel, StreamError, TunnelIO
 from tunnel.handshake import choose_version
 
 if TYPE_CHECKING:
-    from .app import EdgeState
     from .registry import Worker
+    from .state import EdgeState
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,15 @@
-"""Hop by hop: parse `Server-Timing`, derive the network hops of the timing
-contract, and split one request's latency into non-overlapping segments.
+"""Hop by hop: the hops of the timing contract (parsed by `httpcontract.timing`),
+the derived network hops, and one request's latency split into
+non-overlapping segments.
 
 All durations are milliseconds. Pure functions.
 """
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
+
+from httpcontract.timing import parse as parse_server_timing  # noqa: F401  (the loadtest API)
 
 # Entries of the timing contract, outermost hop last.
 INFERENCE = ("decode", "preprocess", "queue", "infer", "postprocess", "app")
@@ -30,69 +31,6 @@ DERIVED: dict[str, tuple[str, str]] = {
 
 HOP_ORDER = (*CLIENT_PHASES, "net_client_edge", "lb", "tunnel", "net_edge_worker", "tunnel_rtt", "edge", "agent",
              "upstream", "agent_overhead", *INFERENCE)
-
-
-def _split_entries(value: str) -> list[str]:
-    """Split a header value on commas outside double-quoted strings."""
-    parts, cur, quoted, escaped = [], [], False, False
-    for ch in value:
-        if escaped:
-            cur.append(ch)
-            escaped = False
-        elif ch == "\\" and quoted:
-            cur.append(ch)
-            escaped = True
-        elif ch == '"':
-            cur.append(ch)
-            quoted = not quoted
-        elif ch == "," and not quoted:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    return parts
-
-
-_ENTRY_DUR = re.compile(r"(?:^|,)\s*([^\s,;=]+)\s*;[^,]*?(?<![^\s;])dur\s*=\s*([0-9.eE+-]+)\s*(?=[,;]|$)",
-                        re.IGNORECASE)
-
-
-def parse_server_timing(values: Iterable[str]) -> dict[str, float]:
-    """name -> dur (ms) from one or more `Server-Timing` header values (W3C:
-    `name;dur=12.3;desc="..."`, comma separated). Entries without a numeric
-    dur are skipped; when a name repeats, the last entry wins (an outer hop
-    appends after the inner ones)."""
-    out: dict[str, float] = {}
-    for value in values:
-        if '"' not in value:
-            # The common case, in one regex pass: name, then within the same
-            # entry (no comma) a dur parameter.
-            for name, dur in _ENTRY_DUR.findall(value):
-                try:
-                    d = float(dur)
-                except ValueError:
-                    continue
-                if math.isfinite(d):
-                    out[name] = d
-            continue
-        # Quotes (in desc="...") may hide commas and semicolons: split with care.
-        for entry in _split_entries(value):
-            name, _, params = entry.partition(";")
-            name = name.strip()
-            if not name or "dur" not in params.lower():
-                continue
-            for param in params.split(";"):
-                key, _, val = param.strip().partition("=")
-                if key.strip().lower() == "dur":
-                    try:
-                        dur = float(val.strip().strip('"'))
-                    except ValueError:
-                        break
-                    if dur == dur and dur not in (float("inf"), float("-inf")):
-                        out[name] = dur
-                    break
-    return out
 
 
 def derive(hops: Mapping[str, float]) -> dict[str, float]:

@@ -1,5 +1,6 @@
-"""HTTP header rules applied at both ends of the tunnel: which headers are
-hop-by-hop, how Server-Timing entries are formatted and merged. Pure functions."""
+"""HTTP header rules of the relay, applied at both ends of the tunnel: which
+headers are hop-by-hop and never travel through it. Pure functions.
+(Server-Timing lives in `httpcontract.timing`.)"""
 
 from __future__ import annotations
 
@@ -28,14 +29,3 @@ def end_to_end(headers: Iterable[tuple[str, str]], drop: frozenset[str] = frozen
         if name.lower() == "connection":
             named.update(t.strip().lower() for t in value.split(","))
     return [(n, v) for n, v in pairs if (ln := n.lower()) not in HOP_BY_HOP and ln not in named and ln not in drop]
-
-
-def timing_entry(name: str, seconds: float) -> str:
-    """One Server-Timing entry, duration in milliseconds (W3C Server Timing)."""
-    return f"{name};dur={seconds * 1000:.3f}"
-
-
-def merge_server_timing(existing: Iterable[str], *entries: str) -> str:
-    parts = [v.strip() for v in existing if v.strip()]
-    parts.extend(entries)
-    return ", ".join(parts)

@@ -1,9 +1,8 @@
-"""The asyncio shell around the sans-I/O `Connection`, shared by the edge and
-the agent: a writer task that coalesces frames into transport messages, one
-`StreamChannel` per stream, send-side flow control waits, heartbeats.
-
-This is the only module of `tunnel` that imports asyncio or reads a clock; the
-protocol core (frames, connection, handshake, heartbeat) stays sans-I/O.
+"""The asyncio shell around the sans-I/O `tunnel.Connection`, shared by the
+edge and the agent: a writer task that coalesces frames into transport
+messages, one `StreamChannel` per stream, send-side flow control waits,
+reading a stream with acknowledgement, heartbeats. The protocol core in
+`tunnel/` stays sans-I/O; this is where it meets asyncio and the clock.
 """
 
 from __future__ import annotations
@@ -13,9 +12,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from .connection import Connection, State
-from .errors import ErrorCode, StreamClosedError
-from .events import (
+from tunnel.connection import Connection, State
+from tunnel.errors import ErrorCode, StreamClosedError, StreamError
+from tunnel.events import (
     DataReceived,
     Event,
     PongReceived,
@@ -23,8 +22,8 @@ from .events import (
     StreamReset,
     WindowUpdated,
 )
-from .frames import ResponseHead
-from .heartbeat import Heartbeat
+from tunnel.frames import ResponseHead
+from tunnel.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +34,6 @@ def _ignore_event(ev: Event) -> None:
 
 def _ignore_dead(reason: str) -> None:
     pass
-
-
-class StreamError(Exception):
-    """A stream ended abnormally: reset by the peer, or the tunnel closed.
-
-    `retryable` is true when the peer guarantees it did not process the
-    request at all (REFUSED_STREAM, or a stream above a GOAWAY's last id).
-    """
-
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.CANCEL, retryable: bool = False) -> None:
-        super().__init__(message)
-        self.code = code
-        self.retryable = retryable
 
 
 class StreamChannel:

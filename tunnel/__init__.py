@@ -5,7 +5,14 @@ bytes; it never touches a socket, an event loop or a clock. See docs/protocol.md
 """
 
 from .connection import Connection, Role, State
-from .errors import ErrorCode, ProtocolError, StreamClosedError, TunnelError, UsageError
+from .errors import (
+    ErrorCode,
+    ProtocolError,
+    StreamClosedError,
+    StreamError,
+    TunnelError,
+    UsageError,
+)
 from .events import (
     DataReceived,
     Event,
@@ -46,6 +53,7 @@ __all__ = [
     "State",
     "StatusReceived",
     "StreamClosedError",
+    "StreamError",
     "StreamReset",
     "TunnelError",
     "UsageError",

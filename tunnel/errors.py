@@ -45,3 +45,16 @@ class UsageError(TunnelError):
 
 class StreamClosedError(UsageError):
     """The stream is closed or was reset; nothing more can be sent on it."""
+
+
+class StreamError(TunnelError):
+    """A stream ended abnormally: reset by the peer, or the tunnel closed.
+
+    `retryable` is true when the peer guarantees it did not process the
+    request at all (REFUSED_STREAM, or a stream above a GOAWAY's last id).
+    """
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.CANCEL, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retryable = retryable

@@ -12,9 +12,11 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
-from tunnel import ErrorCode, RequestHead, ResponseHead, StreamClosedError
-from tunnel.aio import StreamChannel, StreamError, TunnelIO
-from tunnel.headers import end_to_end, merge_server_timing, timing_entry
+from httpcontract.timing import entry as timing_entry
+from httpcontract.timing import merge as merge_server_timing
+from relay.headers import end_to_end
+from relay.io import StreamChannel, TunnelIO
+from tunnel import ErrorCode, RequestHead, ResponseHead, StreamClosedError, StreamError
 
 log = logging.getLogger("worker_agent")
 

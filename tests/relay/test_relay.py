@@ -15,7 +15,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from bench.procstats import metric
 from tests.harness import System, free_port, wait_for
-from tunnel import Connection, ErrorCode, Hello, Role, allocator
+from runtime import allocator
+from tunnel import Connection, ErrorCode, Hello, Role
 from tunnel.frames import FrameType, encode_frame
 
 

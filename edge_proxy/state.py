@@ -1,0 +1,36 @@
+"""The edge's shared state, one per application: its settings, credentials,
+worker registry, metrics, rate limiters and the tunnels it holds. Reached by
+handlers as `request.app[STATE]`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from .auth import CredentialStore
+from .config import EdgeConfig
+from .metrics import EdgeMetrics
+from .ratelimit import RateLimiter
+from .registry import Registry, TunnelSession
+
+
+@dataclass(eq=False)
+class EdgeState:
+    config: EdgeConfig
+    client_keys: CredentialStore
+    worker_tokens: CredentialStore
+    registry: Registry = field(default_factory=Registry)
+    metrics: EdgeMetrics = field(default_factory=EdgeMetrics)
+    limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0, 0))
+    auth_failures: RateLimiter = field(default_factory=lambda: RateLimiter(1, 60))
+    sessions: set[TunnelSession] = field(default_factory=set)
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    draining: bool = False
+    started: float = field(default_factory=time.time)
+
+
+STATE = web.AppKey("state", EdgeState)
