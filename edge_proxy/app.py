@@ -11,12 +11,13 @@ import os
 import posixpath
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import unquote
 
 from aiohttp import web
 
+from httpcontract.request_id import HEADER as REQUEST_ID_HEADER
+from httpcontract.request_id import accept as accept_request_id
 from runtime import allocator
 
 from . import proxy
@@ -30,7 +31,6 @@ from .state import STATE, EdgeState
 
 log = logging.getLogger("edge_proxy")
 
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PUBLIC_PATHS = {"/_edge/health", "/_edge/ready"}
 ADMIN_PATHS = {"/_edge/metrics", "/_edge/workers", "/_edge/", "/_edge"}
 
@@ -49,8 +49,7 @@ def normalized_path(raw_path: str) -> str:
 
 
 def _request_id(request: web.Request) -> str:
-    rid = request.headers.get("X-Request-ID", "")
-    return rid if REQUEST_ID.match(rid) else uuid.uuid4().hex
+    return accept_request_id(request.headers.get(REQUEST_ID_HEADER))
 
 
 def _authenticate(state: EdgeState, request: web.Request, request_id: str, admin: bool) -> web.Response | None:

@@ -6,6 +6,9 @@ side announces its receive limits (`PeerSettings`) in the handshake and the
 other side must stay within them: DATA beyond a window is a protocol error,
 so memory held for a peer is bounded by `stream_window` per stream and
 `connection_window` per tunnel.
+
+Long because one class owns every transition of every stream: splitting it
+would spread each stream's state, which is the thing to keep in one place.
 """
 
 from __future__ import annotations

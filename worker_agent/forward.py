@@ -5,13 +5,13 @@ the `upstream` and `agent` Server-Timing entries."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
 
 import aiohttp
 
+from httpcontract import problem
 from httpcontract.timing import entry as timing_entry
 from httpcontract.timing import merge as merge_server_timing
 from relay.headers import end_to_end
@@ -46,9 +46,10 @@ async def _stream_body(io: TunnelIO, ch: StreamChannel) -> AsyncIterator[bytes]:
         io.acknowledge(ch, len(chunk))
 
 
-def _json_head(status: int, error: str, detail: str, timing: list[str]) -> tuple[ResponseHead, bytes]:
-    body = json.dumps({"error": error, "detail": detail}).encode()
-    headers = (("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+def _json_head(status: int, error: str, detail: str, timing: list[str],
+               request_id: str | None) -> tuple[ResponseHead, bytes]:
+    body = problem.encode(status, error, detail, request_id)
+    headers = (("Content-Type", problem.CONTENT_TYPE), ("Content-Length", str(len(body))),
                ("Server-Timing", ", ".join(timing)))
     return ResponseHead(status, headers), body
 
@@ -120,7 +121,8 @@ async def forward(io: TunnelIO, ch: StreamChannel, head: RequestHead, end_stream
         else:
             status = 504 if isinstance(exc, TimeoutError) else 502
             rhead, body = _json_head(status, "upstream_timeout" if status == 504 else "upstream_failed",
-                                     f"the worker's upstream {what}", [timing_entry("agent", time.monotonic() - t0)])
+                                     f"the worker's upstream {what}", [timing_entry("agent", time.monotonic() - t0)],
+                                     _header(head, "x-request-id"))
             try:
                 io.conn.send_response(sid, rhead)
                 io.flush()

@@ -181,7 +181,7 @@ async def test_client_auth_rate_limit_body_limit_and_pools(system: System):
     http = system.http()
     async with http.get(edge + "/") as r:
         assert r.status == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
-        assert (await r.json())["error"] == "unauthorized"
+        assert (await r.json())["code"] == "unauthorized"
     async with http.get(edge + "/", headers={"X-API-Key": "eik_wrong"}) as r:
         assert r.status == 401
     async with http.get(edge + "/", headers={"Authorization": f"Bearer {system.pki.worker_token}"}) as r:
@@ -474,3 +474,30 @@ async def test_edge_sigterm_drains_in_flight_requests_and_exits_0(system: System
     r.release()
     await wait_for(lambda: _exited(edge_proc), 10, "edge to exit")
     assert edge_proc.p.returncode == 0
+
+
+async def test_every_client_facing_error_has_the_one_problem_shape(system: System):
+    from httpcontract import problem
+
+    up = (await system.upstream())[1]
+    _, edge = await system.edge("edge", None, "--max-body", "1000")
+    system.agent("w1", edge, up, "--upstream-timeout", "0.5")
+    await system.wait_available(edge, ["w1"])
+    http = system.http()
+    key = {"X-API-Key": system.pki.plain_key}
+    cases = [  # (method, path, headers, body, status, code): from the edge, then from the agent
+        ("GET", "/", {}, None, 401, "unauthorized"),
+        ("GET", "/", {**key, "X-Pool": "nope"}, None, 404, "unknown_pool"),
+        ("POST", "/echo", key, b"x" * 1001, 413, "body_too_large"),
+        ("GET", "/_edge/nothing", key, None, 404, "not_found"),
+        ("GET", "/hang", key, None, 504, "upstream_timeout"),
+    ]
+    for method, path, headers, body, status, code in cases:
+        async with http.request(method, edge + path, headers=headers, data=body) as r:
+            answer = await r.json()
+            assert r.status == status, (path, answer)
+            assert r.headers["Content-Type"].startswith(problem.CONTENT_TYPE), path
+            assert problem.is_problem(answer), answer
+            assert (answer["status"], answer["code"]) == (status, code), answer
+            assert answer["request_id"] == r.headers["X-Request-ID"]
+            assert "Traceback" not in answer["detail"]
