@@ -1,223 +1,75 @@
-"""The edge's aiohttp application: routes, the request middleware (ids,
-auth, rate limits, metrics, no tracebacks to clients), the tunnel endpoint,
-status pages, and graceful shutdown."""
+"""The edge's aiohttp application: the middlewares (request id and errors,
+client auth), one route that sends each kind of request to its module
+(`admin`, `tunnel_endpoint`, `proxy`), graceful drain and shutdown, and the
+periodic heap trim. See docs/architecture.md for the concern -> module map."""
 
 from __future__ import annotations
 
 import asyncio
-import html
 import logging
-import os
-import posixpath
-import re
 import time
 from collections.abc import AsyncIterator
-from urllib.parse import unquote
 
 from aiohttp import web
 
-from httpcontract.request_id import HEADER as REQUEST_ID_HEADER
-from httpcontract.request_id import accept as accept_request_id
 from runtime import allocator
 
-from . import proxy
-from .auth import CredentialStore, presented_key
+from . import admin, proxy
+from .auth import CredentialStore
 from .config import EdgeConfig
-from .errors import error_response
+from .errors import EdgeError
+from .middleware import NORMALIZED_PATH, REQUEST_ID, ROUTE, client_auth, request_context
 from .ratelimit import RateLimiter
 from .registry import Pool, Registry, Worker
-from .session import EdgeSession
+from .routing import Route
 from .state import STATE, EdgeState
+from .tunnel_endpoint import tunnel_endpoint
 
 log = logging.getLogger("edge_proxy")
 
-PUBLIC_PATHS = {"/_edge/health", "/_edge/ready"}
-ADMIN_PATHS = {"/_edge/metrics", "/_edge/workers", "/_edge/", "/_edge"}
 
-
-
-
-def normalized_path(raw_path: str) -> str:
-    """The path as a server would resolve it: percent-decoded, slashes
-    merged, dot segments removed. Used only to classify, never to forward."""
-    p = unquote(raw_path.split("?", 1)[0], errors="replace")
-    p = re.sub(r"/+", "/", p)
-    norm = posixpath.normpath(p) if p not in ("", "/") else "/"
-    if p.endswith("/") and norm != "/":
-        norm += "/"
-    return norm if norm.startswith("/") else "/" + norm
-
-
-def _request_id(request: web.Request) -> str:
-    return accept_request_id(request.headers.get(REQUEST_ID_HEADER))
-
-
-def _authenticate(state: EdgeState, request: web.Request, request_id: str, admin: bool) -> web.Response | None:
-    """None if the client key is valid (and within its rate), else the answer."""
-    now = time.monotonic()
-    key = presented_key(request.headers.get("Authorization"), request.headers.get("X-API-Key"))
-    cred = state.client_keys.verify(key)
-    if cred is None:
-        peer = request.remote or "?"
-        wait = state.auth_failures.check(peer, now)
-        state.metrics.rejections.labels("bad_key").inc()
-        if wait > 0:
-            log.warning("too many failed authentications from %s", peer)
-            return error_response(429, "too_many_auth_failures", "too many failed authentications from this address",
-                                  request_id, headers={"Retry-After": str(max(1, round(wait)))})
-        log.info("rejected request from %s: %s client key", peer, "wrong" if key else "no")
-        return error_response(401, "unauthorized", "a valid client API key is required (Authorization: Bearer KEY "
-                              "or X-API-Key: KEY)", request_id,
-                              headers={"WWW-Authenticate": 'Bearer realm="edge"'})
-    if admin and not cred.admin:
-        return error_response(403, "forbidden", "this key may not read the edge's status", request_id)
-    wait = state.limiter.check(cred.name, now, cred.rate, cred.burst)
-    if wait > 0:
-        state.metrics.rejections.labels("rate_limited").inc()
-        return error_response(429, "rate_limited", f"rate limit of key {cred.name!r} exceeded", request_id,
-                              headers={"Retry-After": str(max(1, round(wait + 0.49)))})
-    return None
-
-
-async def dispatch(request: web.Request) -> web.StreamResponse:
-    """Every request lands here: edge endpoints by exact path, else the proxy."""
+async def route(request: web.Request) -> web.StreamResponse:
+    """The one route: the middlewares have classified and authenticated."""
     state = request.app[STATE]
+    kind: Route = request[ROUTE]
+    if kind is Route.HEALTH:
+        return admin.health(state)
+    if kind is Route.READY:
+        return admin.ready(state)
+    if kind is Route.TUNNEL:
+        return await tunnel_endpoint(state, request, request[REQUEST_ID])
+    if kind is Route.ADMIN:
+        return admin.admin_page(state, request[NORMALIZED_PATH])
+    if kind is Route.RESERVED:
+        raise EdgeError("no such edge endpoint", status=404, code="not_found")
+    if kind is Route.BAD_TARGET:
+        raise EdgeError("only origin-form requests are proxied", status=400, code="bad_request")
+    return await proxied(state, request)
+
+
+async def proxied(state: EdgeState, request: web.Request) -> web.StreamResponse:
+    """A request for a worker, counted per pool and in the drain's in-flight count."""
     started = time.monotonic()
-    request_id = _request_id(request)
-    path = request.path
-    norm = normalized_path(request.raw_path)
-    pool = "-"
+    pool, target = proxy.resolve_pool(request)
     status = 500
+    state.in_flight += 1
+    state.idle.clear()
     try:
-        if request.raw_path.startswith("/_edge") and norm in PUBLIC_PATHS and request.method == "GET":
-            resp: web.StreamResponse = health(state) if norm == "/_edge/health" else ready(state)
-        elif path == "/_edge/tunnel" and request.raw_path.split("?")[0] == "/_edge/tunnel":
-            return await tunnel_endpoint(state, request)
-        elif norm in ADMIN_PATHS and request.raw_path.startswith("/_edge"):
-            resp = _authenticate(state, request, request_id, admin=True) or admin_page(state, norm)
-        elif norm == "/_edge" or norm.startswith("/_edge/"):
-            # Anything else that resolves under /_edge is the edge's namespace:
-            # never proxied, whatever its spelling.
-            resp = error_response(404, "not_found", "no such edge endpoint", request_id)
-        elif request.method == "CONNECT" or not request.raw_path.startswith("/"):
-            resp = error_response(400, "bad_request", "only origin-form requests are proxied", request_id)
-        else:
-            denied = _authenticate(state, request, request_id, admin=False)
-            if denied is not None:
-                resp = denied
-            else:
-                pool, target = proxy.resolve_pool(request)
-                state.in_flight += 1
-                state.idle.clear()
-                try:
-                    resp = await proxy.handle(state, request, pool, target, request_id, started)
-                finally:
-                    state.in_flight -= 1
-                    if state.in_flight == 0:
-                        state.idle.set()
+        resp = await proxy.handle(state, request, pool, target, request[REQUEST_ID], started)
         status = resp.status
-        if not resp.prepared:
-            resp.headers["X-Request-ID"] = request_id
         return resp
     except asyncio.CancelledError:
         status = 499  # client closed the connection
         raise
-    except Exception:
-        log.exception("internal error on %s %s (request %s)", request.method, request.path, request_id)
-        return error_response(500, "internal_error", "the edge failed to handle this request", request_id)
+    except EdgeError as exc:
+        status = exc.status
+        raise
     finally:
-        if pool != "-":
-            state.metrics.requests.labels(pool, str(status)).inc()
-            state.metrics.duration.labels(pool).observe(time.monotonic() - started)
-
-
-def health(state: EdgeState) -> web.Response:
-    return web.json_response({"status": "draining" if state.draining else "ok"})
-
-
-def ready(state: EdgeState) -> web.Response:
-    now = time.monotonic()
-    pools = {
-        name: sum(1 for w in p.workers if w.available(now)) for name, p in state.registry.pools.items()
-    }
-    ok = not state.draining and any(pools.values())
-    return web.json_response({"ready": ok, "healthy_workers": pools}, status=200 if ok else 503)
-
-
-def worker_info(w: Worker, now: float) -> dict[str, object]:
-    rtt = w.rtt()
-    return {
-        "id": w.agent_id,
-        "pool": w.pool,
-        "capacity": w.capacity,
-        "in_flight": w.in_flight,
-        "served": w.served,
-        "errors": w.errors,
-        "health": w.health.state(now) if w.live_session() else "disconnected",
-        "available": w.available(now),
-        "agent_report": {"healthy": w.health.agent_healthy, "detail": w.health.agent_detail},
-        "last_check_error": w.health.last_check_error,
-        "ejections": w.health.times_ejected,
-        "ewma_latency_ms": round(w.ewma_latency * 1000, 3),
-        "tunnel_rtt_ms": None if rtt is None else round(rtt * 1000, 3),
-        "tunnels": sorted(w.sessions),
-        "software": w.software,
-        "labels": w.labels,
-        "connected_for_s": round(time.time() - w.connected_at, 1),
-    }
-
-
-def admin_page(state: EdgeState, norm: str) -> web.Response:
-    now = time.monotonic()
-    if norm == "/_edge/metrics":
-        return web.Response(body=state.metrics.render(state.registry.snapshot()),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-    workers = [worker_info(w, now) for w in state.registry.workers.values()]
-    if norm == "/_edge/workers":
-        return web.json_response({"workers": workers, "pools": state.registry.pool_names()})
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(w[k]))}</td>" for k in
-                         ("id", "pool", "health", "tunnel_rtt_ms", "in_flight", "capacity", "served", "errors",
-                          "ewma_latency_ms")) + "</tr>"
-        for w in workers
-    )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>edge status</title>
-<meta http-equiv="refresh" content="2"><style>body{{font:14px system-ui,sans-serif;margin:2em}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}</style></head>
-<body><h1>Edge status</h1><p>{len(workers)} worker(s), {state.in_flight} request(s) in flight,
-up {time.time() - state.started:.0f} s{' &mdash; DRAINING' if state.draining else ''}</p>
-<table><tr><th>worker</th><th>pool</th><th>health</th><th>RTT ms</th><th>in flight</th><th>capacity</th>
-<th>served</th><th>errors</th><th>EWMA ms</th></tr>{rows}</table></body></html>"""
-    return web.Response(text=page, content_type="text/html")
-
-
-async def tunnel_endpoint(state: EdgeState, request: web.Request) -> web.StreamResponse:
-    rid = _request_id(request)
-    token = presented_key(request.headers.get("Authorization"), None)
-    cred = state.worker_tokens.verify(token)
-    if cred is None:
-        peer = request.remote or "?"
-        if state.auth_failures.check(peer, time.monotonic()) > 0:
-            return error_response(429, "too_many_auth_failures", "too many failed authentications", rid)
-        log.warning("tunnel from %s refused: %s worker token", peer, "wrong" if token else "no")
-        return error_response(401, "unauthorized", "a valid worker token is required", rid,
-                              headers={"WWW-Authenticate": 'Bearer realm="edge-tunnel"'})
-    if state.config.require_worker_cert:
-        peercert = request.transport.get_extra_info("peercert") if request.transport else None
-        if not peercert:
-            return error_response(401, "unauthorized", "a worker client certificate is required", rid)
-    if state.draining:
-        return error_response(503, "draining", "the edge is shutting down", rid, headers={"Retry-After": "1"})
-    ws = web.WebSocketResponse(max_msg_size=state.config.tunnel_settings.connection_window + (1 << 20),
-                               autoping=True, heartbeat=None, compress=False)
-    await ws.prepare(request)
-    session = EdgeSession(state, request, ws, cred.name)
-    state.sessions.add(session)
-    try:
-        await session.run()
-    finally:
-        state.sessions.discard(session)
-    return ws
+        state.in_flight -= 1
+        if state.in_flight == 0:
+            state.idle.set()
+        state.metrics.requests.labels(pool, str(status)).inc()
+        state.metrics.duration.labels(pool).observe(time.monotonic() - started)
 
 
 async def drain(app: web.Application) -> None:
@@ -235,34 +87,20 @@ async def drain(app: web.Application) -> None:
             log.warning("%d request(s) still in flight after %.0f s of grace", state.in_flight, state.config.grace)
 
 
-def _resident_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 async def _heap_trimming(app: web.Application) -> AsyncIterator[None]:
     """Every `malloc_trim_interval` seconds, give freed heap pages back to the
-    system: tunnel churn leaves the heap fragmented, and RSS would only grow."""
+    system (runtime/allocator.py says why), with its cost in the metrics."""
     state = app[STATE]
-    trim = allocator.heap_trimmer()
     interval = state.config.malloc_trim_interval
-    if trim is None or interval <= 0:
+    if allocator.heap_trimmer() is None or interval <= 0:
         yield
         return
 
-    async def loop() -> None:
-        while True:
-            await asyncio.sleep(interval)
-            before = _resident_bytes()
-            t0 = time.perf_counter()
-            trim()
-            state.metrics.heap_trims.observe(time.perf_counter() - t0)
-            state.metrics.heap_trimmed.inc(max(0, before - _resident_bytes()))
+    def observe(seconds: float, released: int) -> None:
+        state.metrics.heap_trims.observe(seconds)
+        state.metrics.heap_trimmed.inc(released)
 
-    task = asyncio.create_task(loop(), name="heap-trim")
+    task = asyncio.create_task(allocator.trim_periodically(interval, observe), name="heap-trim")
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
@@ -280,9 +118,9 @@ def make_app(config: EdgeConfig, client_keys: CredentialStore, worker_tokens: Cr
     state.registry.pools.setdefault("default", Pool("default"))
     state.limiter = RateLimiter(config.rate_limit, config.rate_burst)
     state.auth_failures = RateLimiter(config.auth_failures_per_minute / 60.0, config.auth_failures_per_minute)
-    app = web.Application(client_max_size=config.max_body)
+    app = web.Application(client_max_size=config.max_body, middlewares=[request_context, client_auth])
     app[STATE] = state
-    app.router.add_route("*", "/{tail:.*}", dispatch)
+    app.router.add_route("*", "/{tail:.*}", route)
     app.on_shutdown.append(_on_shutdown)
     app.cleanup_ctx.append(_heap_trimming)
     return app

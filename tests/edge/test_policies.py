@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import pytest
 
 from edge_proxy import auth
-from edge_proxy.app import normalized_path
 from edge_proxy.balancer import Ewma, choose
 from edge_proxy.health import HealthPolicy, WorkerHealth
 from edge_proxy.ratelimit import RateLimiter, TokenBucket
-from runtime.cli import StartupError
 from edge_proxy.registry import NoWorkerAvailable, Registry
+from edge_proxy.routing import normalized_path
+from runtime.cli import StartupError
 from worker_agent.backoff import Backoff
 
 

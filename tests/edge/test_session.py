@@ -7,11 +7,12 @@ import gc
 import weakref
 from types import SimpleNamespace
 
-from edge_proxy.app import STATE, make_app
+from edge_proxy.app import make_app
 from edge_proxy.auth import CredentialStore
 from edge_proxy.config import EdgeConfig
 from edge_proxy.health import HealthPolicy
 from edge_proxy.session import EdgeSession
+from edge_proxy.state import STATE
 
 
 def open_session() -> EdgeSession:

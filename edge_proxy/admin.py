@@ -1,0 +1,72 @@
+"""The edge's own pages: liveness and readiness (no credentials), and for
+admin keys the Prometheus metrics, the workers as JSON and the status page."""
+
+from __future__ import annotations
+
+import html
+import time
+
+from aiohttp import web
+
+from .registry import Worker
+from .state import EdgeState
+
+
+def health(state: EdgeState) -> web.Response:
+    return web.json_response({"status": "draining" if state.draining else "ok"})
+
+
+def ready(state: EdgeState) -> web.Response:
+    now = time.monotonic()
+    pools = {
+        name: sum(1 for w in p.workers if w.available(now)) for name, p in state.registry.pools.items()
+    }
+    ok = not state.draining and any(pools.values())
+    return web.json_response({"ready": ok, "healthy_workers": pools}, status=200 if ok else 503)
+
+
+def worker_info(w: Worker, now: float) -> dict[str, object]:
+    rtt = w.rtt()
+    return {
+        "id": w.agent_id,
+        "pool": w.pool,
+        "capacity": w.capacity,
+        "in_flight": w.in_flight,
+        "served": w.served,
+        "errors": w.errors,
+        "health": w.health.state(now) if w.live_session() else "disconnected",
+        "available": w.available(now),
+        "agent_report": {"healthy": w.health.agent_healthy, "detail": w.health.agent_detail},
+        "last_check_error": w.health.last_check_error,
+        "ejections": w.health.times_ejected,
+        "ewma_latency_ms": round(w.ewma_latency * 1000, 3),
+        "tunnel_rtt_ms": None if rtt is None else round(rtt * 1000, 3),
+        "tunnels": sorted(w.sessions),
+        "software": w.software,
+        "labels": w.labels,
+        "connected_for_s": round(time.time() - w.connected_at, 1),
+    }
+
+
+def admin_page(state: EdgeState, norm: str) -> web.Response:
+    now = time.monotonic()
+    if norm == "/_edge/metrics":
+        return web.Response(body=state.metrics.render(state.registry.snapshot()),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    workers = [worker_info(w, now) for w in state.registry.workers.values()]
+    if norm == "/_edge/workers":
+        return web.json_response({"workers": workers, "pools": state.registry.pool_names()})
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(w[k]))}</td>" for k in
+                         ("id", "pool", "health", "tunnel_rtt_ms", "in_flight", "capacity", "served", "errors",
+                          "ewma_latency_ms")) + "</tr>"
+        for w in workers
+    )
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>edge status</title>
+<meta http-equiv="refresh" content="2"><style>body{{font:14px system-ui,sans-serif;margin:2em}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}</style></head>
+<body><h1>Edge status</h1><p>{len(workers)} worker(s), {state.in_flight} request(s) in flight,
+up {time.time() - state.started:.0f} s{' &mdash; DRAINING' if state.draining else ''}</p>
+<table><tr><th>worker</th><th>pool</th><th>health</th><th>RTT ms</th><th>in flight</th><th>capacity</th>
+<th>served</th><th>errors</th><th>EWMA ms</th></tr>{rows}</table></body></html>"""
+    return web.Response(text=page, content_type="text/html")
