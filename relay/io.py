@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from tunnel.connection import Connection, State
 from tunnel.errors import ErrorCode, StreamClosedError, StreamError
@@ -244,6 +244,30 @@ class TunnelIO:
         if n and not self.closed.is_set():
             self.conn.acknowledge_received(ch.stream_id, n)
             self.flush()
+
+    async def chunks(self, ch: StreamChannel, idle: float | None = None) -> AsyncIterator[bytes]:
+        """A stream's body as it arrives. Each chunk's credit goes back to the
+        peer only after the consumer has taken it (when the loop asks for the
+        next): backpressure from whoever reads. `idle` bounds each wait
+        (TimeoutError)."""
+        while True:
+            async with asyncio.timeout(idle):
+                chunk = await ch.read()
+            if chunk is None:
+                return
+            yield chunk
+            self.acknowledge(ch, len(chunk))
+
+    async def read_all(self, ch: StreamChannel, limit: int | None = None, idle: float | None = None) -> bytes:
+        """A stream's whole body; StreamError if it exceeds `limit` bytes."""
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self.chunks(ch, idle):
+            size += len(chunk)
+            if limit is not None and size > limit:
+                raise StreamError(f"body longer than its limit of {limit} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
 
     def reset(self, stream_id: int, code: ErrorCode = ErrorCode.CANCEL, reason: str = "") -> None:
         ch = self.channels.pop(stream_id, None)
