@@ -19,8 +19,9 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from tunnel import allocator
+from tunnel.wsrelay import WsRelay
 
-from . import proxy
+from . import proxy, websocket
 from .auth import CredentialStore, presented_key
 from .config import EdgeConfig
 from .errors import error_response
@@ -46,6 +47,7 @@ class EdgeState:
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0, 0))
     auth_failures: RateLimiter = field(default_factory=lambda: RateLimiter(1, 60))
     sessions: set[EdgeSession] = field(default_factory=set)
+    websockets: set[WsRelay] = field(default_factory=set)  # open client WebSockets (edge_proxy/websocket.py)
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     draining: bool = False
@@ -71,10 +73,12 @@ def _request_id(request: web.Request) -> str:
     return rid if REQUEST_ID.match(rid) else uuid.uuid4().hex
 
 
-def _authenticate(state: EdgeState, request: web.Request, request_id: str, admin: bool) -> web.Response | None:
-    """None if the client key is valid (and within its rate), else the answer."""
+def _authenticate(state: EdgeState, request: web.Request, request_id: str, admin: bool,
+                  key_fallback: str | None = None) -> web.Response | None:
+    """None if the client key is valid (and within its rate), else the answer.
+    `key_fallback` is a key presented otherwise (a WebSocket subprotocol)."""
     now = time.monotonic()
-    key = presented_key(request.headers.get("Authorization"), request.headers.get("X-API-Key"))
+    key = presented_key(request.headers.get("Authorization"), request.headers.get("X-API-Key")) or key_fallback
     cred = state.client_keys.verify(key)
     if cred is None:
         peer = request.remote or "?"
@@ -121,7 +125,9 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         elif request.method == "CONNECT" or not request.raw_path.startswith("/"):
             resp = error_response(400, "bad_request", "only origin-form requests are proxied", request_id)
         else:
-            denied = _authenticate(state, request, request_id, admin=False)
+            upgrade = websocket.is_upgrade(request)
+            denied = _authenticate(state, request, request_id, admin=False,
+                                   key_fallback=websocket.subprotocol_key(request) if upgrade else None)
             if denied is not None:
                 resp = denied
             else:
@@ -129,7 +135,10 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
                 state.in_flight += 1
                 state.idle.clear()
                 try:
-                    resp = await proxy.handle(state, request, pool, target, request_id, started)
+                    if upgrade:
+                        resp = await websocket.handle(state, request, pool, target, request_id, started)
+                    else:
+                        resp = await proxy.handle(state, request, pool, target, request_id, started)
                 finally:
                     state.in_flight -= 1
                     if state.in_flight == 0:
@@ -252,6 +261,7 @@ async def drain(app: web.Application) -> None:
             await asyncio.wait_for(state.idle.wait(), state.config.grace)
         except TimeoutError:
             log.warning("%d request(s) still in flight after %.0f s of grace", state.in_flight, state.config.grace)
+    await websocket.close_all(state, 1001, "edge shutting down")
 
 
 def _resident_bytes() -> int:

@@ -100,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("max-ejection-time", float, h.max_ejection_time, "longest ejection in seconds"),
         ("rate-limit", float, d.rate_limit, "requests/s per client key, 0 = off"),
         ("rate-burst", float, d.rate_burst, "burst size per client key"),
-        ("grace", float, d.grace, "seconds to drain in-flight requests on SIGTERM"),
+        ("ws-max-message", int, d.ws_max_message, "largest WebSocket message in bytes, either way; larger -> close 1009"),
+        ("ws-idle-timeout", float, d.ws_idle_timeout,
+         "seconds without a WebSocket message either way before the edge closes it (1001), 0 = never"),
+        ("grace", float, d.grace, "seconds to drain in-flight requests on SIGTERM (then WebSockets close with 1001)"),
         ("malloc-trim-interval", float, d.malloc_trim_interval,
          "seconds between returns of freed heap pages to the system (glibc malloc_trim), 0 = never"),
     ]
@@ -125,6 +128,7 @@ def config_from_args(a: argparse.Namespace) -> EdgeConfig:
         dead_after=a.dead_after, health=health, rate_limit=a.rate_limit, rate_burst=a.rate_burst, grace=a.grace,
         keepalive_timeout=a.keepalive_timeout, client_body_timeout=a.client_body_timeout, max_headers=a.max_headers,
         max_field_size=a.max_field_size, malloc_trim_interval=a.malloc_trim_interval,
+        ws_max_message=a.ws_max_message, ws_idle_timeout=a.ws_idle_timeout,
     )
 
 

@@ -48,6 +48,10 @@ class EdgeConfig:
     # Memory: seconds between returns of freed heap pages to the system (glibc
     # malloc_trim; see tunnel/allocator.py), 0 = never
     malloc_trim_interval: float = 30.0
-    # Shutdown
+    # WebSockets (see docs/operations.md): largest message either way -> close
+    # 1009 beyond; no message either way for this long -> close 1001 "idle timeout"
+    ws_max_message: int = 16 * 1024 * 1024
+    ws_idle_timeout: float = 300.0
+    # Shutdown (open WebSockets are closed with 1001 when the grace period ends)
     grace: float = 10.0
     tunnel_settings: PeerSettings = field(default_factory=PeerSettings)

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between upstream health probes (AGENT_HEALTH_INTERVAL)")
     p.add_argument("--upstream-timeout", type=float, default=float(e("AGENT_UPSTREAM_TIMEOUT", d.upstream_timeout)),
                    help="seconds one upstream exchange may take (AGENT_UPSTREAM_TIMEOUT)")
+    p.add_argument("--ws-max-message", type=int, default=int(e("AGENT_WS_MAX_MESSAGE", d.ws_max_message)),
+                   help="largest WebSocket message in bytes, either way; larger -> close 1009 (AGENT_WS_MAX_MESSAGE)")
     p.add_argument("--grace", type=float, default=float(e("AGENT_GRACE", d.grace)),
                    help="seconds to finish in-flight requests on SIGTERM (AGENT_GRACE)")
     p.add_argument("--heartbeat-interval", type=float, default=float(e("AGENT_HEARTBEAT_INTERVAL", d.heartbeat_interval)),
@@ -84,7 +86,7 @@ def config_from_args(a: argparse.Namespace) -> AgentConfig:
         upstream=a.upstream, pool=a.pool, capacity=a.capacity, agent_id=a.agent_id,
         tunnels_per_edge=a.tunnels_per_edge, labels=labels, health_path=a.health_path,
         health_interval=a.health_interval, upstream_timeout=a.upstream_timeout, grace=a.grace,
-        heartbeat_interval=a.heartbeat_interval, dead_after=a.dead_after,
+        heartbeat_interval=a.heartbeat_interval, dead_after=a.dead_after, ws_max_message=a.ws_max_message,
     )
 
 

@@ -24,6 +24,7 @@ class AgentConfig:
     health_interval: float = 2.0
     upstream_timeout: float = 300.0  # a whole upstream exchange
     buffer_response: int = 256 * 1024  # responses up to this size are read whole, so `agent` timing is complete
+    ws_max_message: int = 16 * 1024 * 1024  # largest WebSocket message either way -> close 1009 beyond
     grace: float = 10.0  # seconds to finish in-flight requests on SIGTERM
     heartbeat_interval: float = 1.0
     dead_after: float = 3.0
