@@ -45,9 +45,15 @@ def encode_message(kind: Kind, payload: bytes) -> bytes:
     return _HEAD.pack(kind, len(payload)) + payload
 
 
+def sendable(code: int) -> bool:
+    """Whether RFC 6455 lets `code` travel in a close frame (1005, 1006 and
+    1015 only describe what happened; 1004 is reserved)."""
+    return 1000 <= code <= 4999 and code not in (1004, 1005, 1006, 1015)
+
+
 def encode_close(code: int, reason: str = "") -> bytes:
     """A CLOSE message; the reason is cut to what fits in a close frame."""
-    if not 1000 <= code <= 4999:
+    if not sendable(code):
         raise ValueError(f"close code {code} cannot be sent")
     raw = reason.encode("utf-8")[:MAX_CLOSE_REASON]
     raw = raw.decode("utf-8", "ignore").encode("utf-8")  # never cut inside a character

@@ -32,13 +32,12 @@ from .wsmessages import (
     decode_close,
     encode_close,
     encode_message,
+    sendable,
 )
 
 log = logging.getLogger(__name__)
 
 Socket = web.WebSocketResponse | ClientWebSocketResponse
-# Codes that RFC 6455 forbids in a close frame: they only describe what happened.
-UNSENDABLE = frozenset({1005, 1006, 1015})
 UP = "up"  # socket -> tunnel
 DOWN = "down"  # tunnel -> socket
 
@@ -108,8 +107,7 @@ class WsRelay:
                     log.warning("websocket relay of stream %d failed: %r", self.ch.stream_id, r)
             if not self.ws.closed:
                 self._note_close(1011, "relay ended")
-                await self._close_socket(1011 if self.close_code in UNSENDABLE else self.close_code or 1011,
-                                         self.close_reason)
+                await self._close_socket(self.close_code or 1011, self.close_reason)
             self._finish_stream()
         return self.close_code or 1006
 
@@ -179,7 +177,7 @@ class WsRelay:
         if code == 1005:
             data = encode_message(Kind.CLOSE, b"")
         else:
-            data = encode_close(self.lost_code if code in UNSENDABLE or not 1000 <= code <= 4999 else code, reason)
+            data = encode_close(code if sendable(code) else self.lost_code, reason)
         try:
             await self.io.send_body(self.ch, data, end_stream=True)
         except StreamError:
@@ -245,7 +243,7 @@ class WsRelay:
             pass
 
     async def _close_socket(self, code: int, reason: str) -> None:
-        if code == 1005 or code in UNSENDABLE or not 1000 <= code <= 4999:
+        if not sendable(code):
             code = 1000 if code == 1005 else 1011
         try:
             await self.ws.close(code=code, message=reason.encode("utf-8")[:123])

@@ -158,6 +158,12 @@ async def test_auth_subprotocol_and_refusals(system: System) -> None:
     assert bad_key(after) - bad_key(before) == 3
     assert (await upstream_ws_stats(system, up))["open"] == 0
 
+    # Upgrade is hop-by-hop: on a plain HTTP request it never reaches the agent
+    # (where it would mean "open a WebSocket")
+    async with system.http().post(edge + "/echo", data=b"plain", headers={
+            **system.auth(), "Upgrade": "websocket", "Connection": "Upgrade"}) as r:
+        assert r.status == 200 and await r.read() == b"plain"
+
     # the upstream refuses the upgrade: the client gets its status as plain HTTP
     with pytest.raises(aiohttp.WSServerHandshakeError) as info:
         await system.http().ws_connect(edge + "/ws-refuse", headers=system.auth())
