@@ -176,13 +176,21 @@ async def test_auth_subprotocol_and_refusals(system: System) -> None:
 async def test_slow_reader_holds_back_only_its_own_stream(system: System) -> None:
     edge, up = await start(system)
     wss = edge + "/ws"
-    n, size = 24, 1024 * 1024
+    n, size = 64, 1024 * 1024
     async with system.http().ws_connect(wss, headers=system.auth(), max_msg_size=4 * size) as slow:
-        # The upstream pushes 24 MiB at a client that reads nothing for now.
+        # The upstream pushes 64 MiB at a client that reads nothing for now.
         for _ in range(n):
             await slow.send_str(f"big:{size}")
+
+        async def upstream_blocked() -> bool:
+            # Backpressure reaches the upstream: its sends stop completing.
+            a = (await upstream_ws_stats(system, up))["big_sent"]
+            await asyncio.sleep(0.5)
+            b = (await upstream_ws_stats(system, up))["big_sent"]
+            return a == b and 0 < int(b) < n  # type: ignore[call-overload]
+
+        await wait_for(upstream_blocked, 20, "the upstream to be held back by the slow client")
         async with system.http().ws_connect(wss, headers=system.auth()) as fast:
-            await asyncio.sleep(0.5)  # let the slow stream fill its window
             t0 = time.monotonic()
             for i in range(50):
                 await fast.send_str(f"m{i}")
@@ -190,6 +198,7 @@ async def test_slow_reader_holds_back_only_its_own_stream(system: System) -> Non
             async with system.http().get(edge + "/bytes/100000", headers=system.auth()) as r:
                 assert r.status == 200 and len(await r.read()) == 100000
             assert time.monotonic() - t0 < 5, "a slow WebSocket reader held back the others"
+            assert 'edge_websockets_open{pool="default"} 2.0' in await metrics(system, edge)
         # Nothing was lost on the slow one.
         expected = bytes(i % 251 for i in range(size))
         for _ in range(n):
@@ -279,3 +288,22 @@ async def test_client_disconnect_idle_timeout_and_drain(system: System) -> None:
             await asyncio.sleep(0.3)
         assert got is not None and (got.data, got.extra) == (1001, "edge shutting down"), (got, system.logs())
         assert 2.5 < time.monotonic() - t0 < 8
+
+
+async def test_slow_upstream_reader_holds_back_only_its_own_stream(system: System) -> None:
+    edge, up = await start(system)
+    wss = edge + "/ws"
+    size = 1024 * 1024
+    async with system.http().ws_connect(wss, headers=system.auth(), max_msg_size=4 * size) as slow:
+        await slow.send_str("slow:300")  # the upstream now reads one message per 300 ms
+        payloads = [bytes([i]) * size for i in range(12)]
+        for p in payloads:
+            await slow.send_bytes(p)
+        async with system.http().ws_connect(wss, headers=system.auth()) as fast:
+            t0 = time.monotonic()
+            for i in range(50):
+                await fast.send_str(f"m{i}")
+                assert (await receive(fast, 5)).data == f"m{i}"
+            assert time.monotonic() - t0 < 5, "a slow upstream reader held back another WebSocket"
+        for p in payloads:
+            assert (await receive(slow, 30)).data == p

@@ -12,7 +12,7 @@ import sys
 
 from aiohttp import WSMsgType, web
 
-ws_state: dict = {"open": 0, "closes": []}
+ws_state: dict = {"open": 0, "closes": [], "big_sent": 0}
 state = {"in_flight": 0, "max_in_flight": 0, "served": 0, "healthy": True, "fail": False, "delay_ms": 0.0}
 CONTROL = ("/healthz", "/stats", "/set-", "/sse-release", "/ws-stats")
 
@@ -147,6 +147,7 @@ async def ws_echo(request: web.Request) -> web.StreamResponse:
                     break
                 if text.startswith("big:"):
                     await ws.send_bytes(bytes(i % 251 for i in range(int(text[4:]))))
+                    ws_state["big_sent"] += 1
                 elif text == "seen":
                     await ws.send_str(json.dumps({
                         "protocols": request.headers.get("Sec-WebSocket-Protocol", ""),
