@@ -344,6 +344,7 @@ class Agent:
                 await asyncio.wait_for(self.idle.wait(), self.config.grace)
             except TimeoutError:
                 log.warning("%d request(s) still in flight after the grace period", self.in_flight)
+                await websocket.close_all(self.idle, 1001, "worker shutting down")
             prober.cancel()
             for c in self.clients:
                 if c.ws is not None:

@@ -25,6 +25,8 @@ log = logging.getLogger("worker_agent")
 DROP = frozenset({"content-length", "sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol",
                   "sec-websocket-extensions"})
 CLOSE_TIMEOUT = 5.0
+# Open relays of this process, closed with 1001 when a drain's grace is over.
+OPEN: set[WsRelay] = set()
 
 
 def wants_upgrade(head: RequestHead) -> bool:
@@ -95,7 +97,11 @@ async def serve(io: TunnelIO, ch: StreamChannel, head: RequestHead, http: aiohtt
         io.flush()
         relay = WsRelay(ws, io, ch, max_message=max_message, lost_code=1011, lost_reason="upstream connection lost",
                         tunnel_lost_reason="edge connection lost", close_timeout=CLOSE_TIMEOUT)
-        await relay.run()
+        OPEN.add(relay)
+        try:
+            await relay.run()
+        finally:
+            OPEN.discard(relay)
     except asyncio.CancelledError:
         if io.conn.is_open(sid):
             io.reset(sid, ErrorCode.CANCEL, "agent shutting down")
@@ -103,3 +109,19 @@ async def serve(io: TunnelIO, ch: StreamChannel, head: RequestHead, http: aiohtt
     finally:
         if not ws.closed:
             await ws.close(code=1001, message=b"tunnel stream closed")
+
+
+async def close_all(idle: asyncio.Event, code: int, reason: str) -> None:
+    """Close every open WebSocket with `code` at both ends (the agent's drain
+    after its grace period), then give the closes time to complete: `idle`
+    is set once the last stream is done."""
+    relays = list(OPEN)
+    if not relays:
+        return
+    log.info("closing %d open WebSocket(s) with %d (%s)", len(relays), code, reason)
+    await asyncio.gather(*(r.shutdown(code, reason) for r in relays), return_exceptions=True)
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await idle.wait()
+    except TimeoutError:
+        pass

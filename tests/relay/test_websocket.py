@@ -307,3 +307,21 @@ async def test_slow_upstream_reader_holds_back_only_its_own_stream(system: Syste
             assert time.monotonic() - t0 < 5, "a slow upstream reader held back another WebSocket"
         for p in payloads:
             assert (await receive(slow, 30)).data == p
+
+
+async def test_agent_drain_closes_websockets_with_1001(system: System) -> None:
+    _, up = await system.upstream()
+    _, edge = await system.edge("edge")
+    agent = system.agent("w1", edge, up, "--grace", "1")
+    await system.wait_available(edge, ["w1"])
+    async with system.http().ws_connect(edge + "/ws", headers=system.auth()) as ws:
+        await ws.send_str("x")
+        await receive(ws)
+        agent.signal(signal.SIGTERM)
+        msg = await receive(ws, 15)
+        assert msg.type is aiohttp.WSMsgType.CLOSE and (msg.data, msg.extra) == (1001, "worker shutting down"), msg
+
+    async def upstream_saw_1001() -> bool:
+        return [1001, ""] in (await upstream_ws_stats(system, up))["closes"]  # type: ignore[operator]
+
+    await wait_for(upstream_saw_1001, 10, "the upstream to see close 1001")
