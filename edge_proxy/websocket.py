@@ -177,10 +177,13 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
             io.reset(ch.stream_id, ErrorCode.CANCEL, "client handshake failed")
             raise
         ok = True
-        await _relay(state, pool_name, request_id, worker_id, ws, WsRelay(
-            ws, io, ch, max_message=cfg.ws_max_message, lost_code=1001, lost_reason="client went away",
-            tunnel_lost_reason="worker connection lost", idle_timeout=cfg.ws_idle_timeout,
-            close_timeout=CLOSE_TIMEOUT, on_message=_counter(state, pool_name)))
+        relay = WsRelay(ws, io, ch, max_message=cfg.ws_max_message, lost_code=1001, lost_reason="client went away",
+                        tunnel_lost_reason="worker connection lost", idle_timeout=cfg.ws_idle_timeout,
+                        close_timeout=CLOSE_TIMEOUT, on_message=_counter(state, pool_name))
+        transport = request.transport
+        if transport is not None:
+            relay.abort_socket = transport.abort
+        await _relay(state, pool_name, request_id, worker_id, ws, relay)
         return ws
     finally:
         lease.release(ok, None)

@@ -84,6 +84,10 @@ class WsRelay:
         self.close_code: int | None = None  # the first close code seen, from either side
         self.close_reason = ""
         self._sent_close = False
+        # One message at a time into the stream: a close sent from another
+        # task must never land inside a message waiting for credit.
+        self._send_lock = asyncio.Lock()
+        self.abort_socket: Callable[[], None] | None = None  # drops a socket that will not take its close
 
     # ------------------------------------------------------------ lifecycle
     async def run(self) -> int:
@@ -136,6 +140,12 @@ class WsRelay:
 
     # ------------------------------------------------------- socket -> tunnel
     async def _from_socket(self) -> None:
+        try:
+            await self._pump_socket()
+        except StreamError:
+            pass  # the stream is gone: the other pump closes the socket
+
+    async def _pump_socket(self) -> None:
         ws = self.ws
         while True:
             msg = await ws.receive()
@@ -168,7 +178,11 @@ class WsRelay:
     async def _to_tunnel(self, kind: Kind, payload: bytes) -> None:
         self.last_activity = self.clock()
         self.on_message(UP, kind, len(payload))
-        await self.io.send_body(self.ch, encode_message(kind, payload))
+        data = encode_message(kind, payload)
+        async with self._send_lock:
+            if self._sent_close:
+                return  # the stream's direction is closed: nothing may follow the close
+            await self.io.send_body(self.ch, data)
 
     async def _close_tunnel(self, code: int, reason: str) -> None:
         if self._sent_close:
@@ -179,9 +193,17 @@ class WsRelay:
         else:
             data = encode_close(code if sendable(code) else self.lost_code, reason)
         try:
-            await self.io.send_body(self.ch, data, end_stream=True)
+            # Bounded: a peer that gives no credit (an upstream that stopped
+            # reading) cannot hold the close; the stream is reset instead.
+            async with asyncio.timeout(self.close_timeout):
+                async with self._send_lock:
+                    await self.io.send_body(self.ch, data, end_stream=True)
         except StreamError:
             pass
+        except TimeoutError:
+            log.info("websocket stream %d: close not deliverable in %.0f s; resetting", self.ch.stream_id,
+                     self.close_timeout)
+            self.io.reset(self.ch.stream_id, ErrorCode.CANCEL, "close not deliverable")
 
     # ------------------------------------------------------- tunnel -> socket
     async def _from_tunnel(self) -> None:
@@ -246,9 +268,14 @@ class WsRelay:
         if not sendable(code):
             code = 1000 if code == 1005 else 1011
         try:
-            await self.ws.close(code=code, message=reason.encode("utf-8")[:123])
-        except (ConnectionError, RuntimeError, TimeoutError):
+            # Bounded: a socket that stopped reading cannot take even a close.
+            async with asyncio.timeout(self.close_timeout + 1):
+                await self.ws.close(code=code, message=reason.encode("utf-8")[:123])
+        except (ConnectionError, RuntimeError):
             pass
+        except TimeoutError:
+            if self.abort_socket is not None:
+                self.abort_socket()
 
     # ------------------------------------------------------------------ idle
     async def _idle(self) -> None:

@@ -269,6 +269,20 @@ async def test_client_disconnect_idle_timeout_and_drain(system: System) -> None:
         msg = await receive(ws, 10)
         assert msg.type is aiohttp.WSMsgType.CLOSE and (msg.data, msg.extra) == (1001, "idle timeout"), msg
         assert 1.2 < time.monotonic() - t0 < 5
+    # a client that stops reading while the upstream sends: the idle timeout
+    # still ends it (the close cannot be delivered: the connection is dropped),
+    # and the slot, the stream and the upstream's WebSocket are freed
+    stuck = await system.http().ws_connect(wss, headers=system.auth())
+    for _ in range(40):
+        await stuck.send_str(f"big:{1024 * 1024}")
+
+    async def all_closed() -> bool:
+        text = await metrics(system, edge)
+        return ('edge_websockets_open{pool="default"} 0.0' in text
+                and (await upstream_ws_stats(system, up))["open"] == 0)
+
+    await wait_for(all_closed, 30, "a stuck client's WebSocket to be closed at both ends")
+    await stuck.close()
     # drain: open WebSockets get 1001 once the grace period (3 s) is over
     async with system.http().ws_connect(wss, headers=system.auth()) as ws:
         await ws.send_str("x")
