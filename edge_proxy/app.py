@@ -14,7 +14,7 @@ from aiohttp import web
 
 from runtime import allocator
 
-from . import admin, proxy
+from . import admin, proxy, websocket
 from .auth import CredentialStore
 from .config import EdgeConfig
 from .errors import EdgeError
@@ -55,7 +55,10 @@ async def proxied(state: EdgeState, request: web.Request) -> web.StreamResponse:
     state.in_flight += 1
     state.idle.clear()
     try:
-        resp = await proxy.handle(state, request, pool, target, request[REQUEST_ID], started)
+        if websocket.is_upgrade(request):
+            resp = await websocket.handle(state, request, pool, target, request[REQUEST_ID], started)
+        else:
+            resp = await proxy.handle(state, request, pool, target, request[REQUEST_ID], started)
         status = resp.status
         return resp
     except asyncio.CancelledError:
@@ -85,6 +88,7 @@ async def drain(app: web.Application) -> None:
             await asyncio.wait_for(state.idle.wait(), state.config.grace)
         except TimeoutError:
             log.warning("%d request(s) still in flight after %.0f s of grace", state.in_flight, state.config.grace)
+    await websocket.close_all(state, 1001, "edge shutting down")
 
 
 async def _heap_trimming(app: web.Application) -> AsyncIterator[None]:

@@ -74,11 +74,17 @@ class EdgeConfig:
     rate_burst: float = option(2000.0, group=CLIENTS, help="burst size per client key")
     auth_failures_per_minute: float = option(60.0, group=CLIENTS,
                                              help="failed authentications per minute from one address before 429")
+    # WebSockets (see docs/operations.md)
+    ws_max_message: int = option(16 * 1024 * 1024, group=LIMITS,
+                                 help="largest WebSocket message in bytes, either way; larger -> close 1009")
+    ws_idle_timeout: float = option(300.0, group=TIMEOUTS,
+                                    help="seconds without a WebSocket message either way before the edge closes it "
+                                         "(1001), 0 = never")
     # Process
     malloc_trim_interval: float = option(30.0, group=PROCESS,
                                          help="seconds between returns of freed heap pages to the system (glibc "
                                               "malloc_trim), 0 = never")
-    grace: float = option(10.0, group=PROCESS, help="seconds to drain in-flight requests on SIGTERM")
+    grace: float = option(10.0, group=PROCESS, help="seconds to drain in-flight requests on SIGTERM (then WebSockets close with 1001)")
     log_level: str = option("info", group=PROCESS, choices=("debug", "info", "warning", "error"), help="log level")
     loop: str = option("auto", group=PROCESS, choices=("auto", "uvloop", "asyncio"),
                        help="event loop: auto picks uvloop when installed")

@@ -47,6 +47,13 @@ class EdgeMetrics:
         self.tasks_by_coroutine = Gauge("edge_asyncio_tasks_by_coroutine",
                                         "asyncio tasks alive by the coroutine they run (leak watch: names the path "
                                         "that keeps them)", ["coroutine"], registry=r)
+        self.ws_open = Gauge("edge_websockets_open", "Open client WebSockets by pool", ["pool"], registry=r)
+        self.ws_messages = Counter("edge_websocket_messages", "WebSocket data messages relayed, by pool and direction "
+                                   "(to_upstream, to_client)", ["pool", "direction"], registry=r)
+        self.ws_bytes = Counter("edge_websocket_bytes", "WebSocket message payload bytes relayed, by pool and "
+                                "direction", ["pool", "direction"], registry=r)
+        self.ws_closes = Counter("edge_websocket_closes", "Closed WebSockets by pool and the first close code "
+                                 "either side sent (1006: none)", ["pool", "code"], registry=r)
         self.tunnels = Gauge("edge_tunnels", "Open worker tunnels", registry=r)
         self.heap_trims = Histogram("edge_heap_trim_seconds", "Time the event loop spent returning freed heap pages "
                                     "to the system (malloc_trim)", buckets=TRIM_BUCKETS, registry=r)

@@ -18,6 +18,8 @@ from .auth import presented_key
 from .errors import EdgeError, error_response
 from .routing import Route, classify
 from .state import STATE
+from .websocket import is_upgrade as websocket_upgrade
+from .websocket import subprotocol_key
 
 log = logging.getLogger("edge_proxy")
 
@@ -61,6 +63,8 @@ def authenticate(request: web.Request, admin: bool) -> EdgeError | None:
     state = request.app[STATE]
     now = time.monotonic()
     key = presented_key(request.headers.get("Authorization"), request.headers.get("X-API-Key"))
+    if not key and not admin and websocket_upgrade(request):
+        key = subprotocol_key(request)  # browsers cannot set headers on a WebSocket
     cred = state.client_keys.verify(key)
     if cred is None:
         peer = request.remote or "?"

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from relay.websocket import WsRelay
+
 from .auth import CredentialStore
 from .config import EdgeConfig
 from .metrics import EdgeMetrics
@@ -27,6 +29,7 @@ class EdgeState:
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0, 0))
     auth_failures: RateLimiter = field(default_factory=lambda: RateLimiter(1, 60))
     sessions: set[TunnelSession] = field(default_factory=set)
+    websockets: set[WsRelay] = field(default_factory=set)  # open client WebSockets (edge_proxy/websocket.py)
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     draining: bool = False

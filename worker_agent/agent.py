@@ -33,7 +33,7 @@ from tunnel import (
     WorkerStatus,
 )
 
-from . import __version__
+from . import __version__, websocket
 from .backoff import Backoff
 from .config import AgentConfig
 from .forward import forward
@@ -218,8 +218,12 @@ class TunnelClient:
     async def _serve(self, io: TunnelIO, ch: StreamChannel, ev: RequestReceived) -> None:
         cfg = self.agent.config
         try:
-            await forward(io, ch, ev.head, ev.end_stream, self.agent.http, cfg.upstream.rstrip("/"),
-                          cfg.buffer_response, cfg.upstream_timeout)
+            if websocket.wants_upgrade(ev.head):
+                await websocket.serve(io, ch, ev.head, self.agent.http, cfg.upstream.rstrip("/"), cfg.ws_max_message,
+                                      cfg.upstream_timeout)
+            else:
+                await forward(io, ch, ev.head, ev.end_stream, self.agent.http, cfg.upstream.rstrip("/"),
+                              cfg.buffer_response, cfg.upstream_timeout)
         except Exception:
             log.exception("stream %d failed", ch.stream_id)
             io.reset(ch.stream_id, ErrorCode.INTERNAL_ERROR, "agent error")
@@ -341,6 +345,7 @@ class Agent:
                 await asyncio.wait_for(self.idle.wait(), self.config.grace)
             except TimeoutError:
                 log.warning("%d request(s) still in flight after the grace period", self.in_flight)
+                await websocket.close_all(self.idle, 1001, "worker shutting down")
             prober.cancel()
             for c in self.clients:
                 if c.ws is not None:

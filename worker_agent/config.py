@@ -59,6 +59,8 @@ class AgentConfig:
     buffer_response: int = option(256 * 1024, group=TIMING,
                                   help="responses up to this many bytes are read whole, so `agent` timing is "
                                        "complete; larger ones stream")
+    ws_max_message: int = option(16 * 1024 * 1024, group=WORK,
+                                 help="largest WebSocket message in bytes, either way; larger -> close 1009")
     grace: float = option(10.0, group=TIMING, help="seconds to finish in-flight requests on SIGTERM")
     heartbeat_interval: float = option(1.0, group=TIMING, help="seconds between tunnel pings")
     dead_after: float = option(3.0, group=TIMING, help="an edge silent this long is dead; reconnect")

@@ -18,6 +18,9 @@ COPY deploy/docker/requirements.py deploy/docker/requirements.py
 RUN python deploy/docker/requirements.py edge > /tmp/requirements.txt \
  && /opt/venv/bin/pip install -r /tmp/requirements.txt
 COPY tunnel/ tunnel/
+COPY relay/ relay/
+COPY httpcontract/ httpcontract/
+COPY runtime/ runtime/
 COPY edge_proxy/ edge_proxy/
 RUN /opt/venv/bin/pip install --no-deps . \
  && /opt/venv/bin/python -c "import edge_proxy.cli"

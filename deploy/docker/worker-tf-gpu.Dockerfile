@@ -23,6 +23,9 @@ COPY deploy/docker/requirements.py deploy/docker/requirements.py
 RUN python3 deploy/docker/requirements.py worker > /tmp/requirements.txt \
  && /opt/venv/bin/python -m pip install -r /tmp/requirements.txt
 COPY tunnel/ tunnel/
+COPY relay/ relay/
+COPY httpcontract/ httpcontract/
+COPY runtime/ runtime/
 COPY worker_agent/ worker_agent/
 COPY inference/ inference/
 RUN /opt/venv/bin/python -m pip install --no-deps . \

@@ -14,8 +14,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from bench.procstats import metric
-from tests.harness import System, free_port, wait_for
 from runtime import allocator
+from tests.harness import System, free_port, wait_for
 from tunnel import Connection, ErrorCode, Hello, Role
 from tunnel.frames import FrameType, encode_frame
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import socket
 import sys
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
+ws_state: dict = {"open": 0, "closes": [], "big_sent": 0}
 state = {"in_flight": 0, "max_in_flight": 0, "served": 0, "healthy": True, "fail": False, "delay_ms": 0.0}
-CONTROL = ("/healthz", "/stats", "/set-", "/sse-release")
+CONTROL = ("/healthz", "/stats", "/set-", "/sse-release", "/ws-stats")
 
 
 @web.middleware
@@ -122,6 +124,61 @@ async def crash(request: web.Request) -> web.StreamResponse:
     os._exit(3)
 
 
+async def ws_echo(request: web.Request) -> web.StreamResponse:
+    """A WebSocket echo: text and binary back as they came; commands (text):
+    "close:CODE:REASON" closes with that code, "big:N" sends N bytes,
+    "seen" answers the subprotocols and headers of the handshake as JSON,
+    "slow:MS" sleeps that long before each next read; "ping:DATA" pings the client.
+    Records how the last connection ended at /ws-stats."""
+    ws = web.WebSocketResponse(protocols=("inference.v1", "echo.v2"), max_msg_size=64 * 1024 * 1024,
+                               autoping=True, compress=False)
+    await ws.prepare(request)
+    ws_state["open"] += 1
+    slow = 0.0
+    try:
+        async for msg in ws:
+            if slow:
+                await asyncio.sleep(slow)
+            if msg.type is WSMsgType.TEXT:
+                text = msg.data
+                if text.startswith("close:"):
+                    _, code, reason = text.split(":", 2)
+                    await ws.close(code=int(code), message=reason.encode())
+                    break
+                if text.startswith("big:"):
+                    await ws.send_bytes(bytes(i % 251 for i in range(int(text[4:]))))
+                    ws_state["big_sent"] += 1
+                elif text == "seen":
+                    await ws.send_str(json.dumps({
+                        "protocols": request.headers.get("Sec-WebSocket-Protocol", ""),
+                        "chosen": ws.ws_protocol,
+                        "headers": {k: v for k, v in request.headers.items()},
+                        "extensions": request.headers.get("Sec-WebSocket-Extensions", ""),
+                    }))
+                elif text.startswith("slow:"):
+                    slow = float(text[5:]) / 1000
+                elif text.startswith("ping:"):
+                    await ws.ping(text[5:].encode())
+                elif text == "crash":
+                    os._exit(4)
+                else:
+                    await ws.send_str(text)
+            elif msg.type is WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+    finally:
+        ws_state["open"] -= 1
+        ws_state["closes"].append([ws.close_code, ws_state.get("last_reason", "")])
+    return ws
+
+
+async def ws_close_reason(request: web.Request) -> web.Response:
+    return web.json_response(ws_state)
+
+
+async def ws_refuse(request: web.Request) -> web.Response:
+    return web.Response(status=403, text="no websockets here")
+
+
 def make_app() -> web.Application:
     app = web.Application(client_max_size=1 << 31, middlewares=[misbehave])
     app.router.add_get("/", root)
@@ -139,6 +196,9 @@ def make_app() -> web.Application:
     app.router.add_get("/crash", crash)
     app.router.add_get("/set-fail/{value}", set_fail)
     app.router.add_get("/set-delay/{ms}", set_delay)
+    app.router.add_get("/ws", ws_echo)
+    app.router.add_get("/ws-stats", ws_close_reason)
+    app.router.add_get("/ws-refuse", ws_refuse)
     return app
 
 
