@@ -163,16 +163,33 @@ def ready(state: EdgeState) -> web.Response:
     return web.json_response({"ready": ok, "healthy_workers": pools}, status=200 if ok else 503)
 
 
-def worker_info(w: Worker, now: float) -> dict[str, object]:
+def health_detail(w: Worker, now: float) -> str:
+    """Why the worker is not healthy ("" when it is), in one line."""
+    h = w.health
+    if w.live_session() is None:
+        return "no tunnel accepting requests"
+    if h.is_ejected(now):
+        return f"ejected for {h.ejected_until - now:.0f} s more after consecutive failed requests"
+    if not h.agent_healthy:
+        return f"agent reports its upstream unhealthy: {h.agent_detail}"
+    if not h.checks_healthy:
+        return f"active check failed: {h.last_check_error}"
+    return ""
+
+
+def worker_info(w: Worker, now: float, fallback_health_path: str = "/healthz") -> dict[str, object]:
     rtt = w.rtt()
     return {
         "id": w.agent_id,
+        "instance": w.instance,
         "pool": w.pool,
         "capacity": w.capacity,
         "in_flight": w.in_flight,
         "served": w.served,
         "errors": w.errors,
         "health": w.health.state(now) if w.live_session() else "disconnected",
+        "health_detail": health_detail(w, now),
+        "health_path": w.health_path or fallback_health_path,
         "available": w.available(now),
         "agent_report": {"healthy": w.health.agent_healthy, "detail": w.health.agent_detail},
         "last_check_error": w.health.last_check_error,
@@ -191,7 +208,7 @@ def admin_page(state: EdgeState, norm: str) -> web.Response:
     if norm == "/_edge/metrics":
         return web.Response(body=state.metrics.render(state.registry),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-    workers = [worker_info(w, now) for w in state.registry.workers.values()]
+    workers = [worker_info(w, now, state.config.health_path) for w in state.registry.workers.values()]
     if norm == "/_edge/workers":
         return web.json_response({"workers": workers, "pools": state.registry.pool_names()})
     rows = "".join(

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("max-field-size", int, d.max_field_size, "bytes per header line; more -> 400"),
         ("heartbeat-interval", float, d.heartbeat_interval, "seconds between tunnel pings"),
         ("dead-after", float, d.dead_after, "a tunnel silent this many seconds is dead"),
-        ("check-interval", float, h.check_interval, "seconds between active /healthz checks of each worker"),
+        ("check-interval", float, h.check_interval, "seconds between active health checks of each worker"),
         ("check-timeout", float, h.check_timeout, "seconds an active check may take"),
         ("unhealthy-threshold", int, h.unhealthy_threshold, "failed checks in a row -> unhealthy"),
         ("healthy-threshold", int, h.healthy_threshold, "passed checks in a row -> healthy"),
@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, typ, default, text in num:
         env = "EDGE_" + name.upper().replace("-", "_")
         s.add_argument(f"--{name}", type=typ, default=typ(_env(env, default)), help=f"{text} ({env})")
+    s.add_argument("--health-path", default=_env("EDGE_HEALTH_PATH", d.health_path),
+                   help="path of the active checks for agents that declare none in their HELLO (older agents); an "
+                        "agent's own --health-path always wins (EDGE_HEALTH_PATH)")
     s.add_argument("--log-level", default=_env("EDGE_LOG_LEVEL", "info"), help="debug|info|warning (EDGE_LOG_LEVEL)")
     s.add_argument("--loop", choices=loop.CHOICES, default=_env("EDGE_LOOP", "auto"),
                    help="event loop: auto picks uvloop when installed (EDGE_LOOP)")
@@ -115,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(a: argparse.Namespace) -> EdgeConfig:
     host, port = a.listen if isinstance(a.listen, tuple) else _hostport(a.listen)
+    if not a.health_path.startswith("/"):
+        raise SystemExit(f"error: --health-path {a.health_path!r} must start with '/'")
     health = HealthPolicy(a.check_interval, a.check_timeout, a.unhealthy_threshold, a.healthy_threshold,
                           a.consecutive_failures, a.base_ejection_time, a.max_ejection_time)
     return replace(
@@ -124,7 +129,7 @@ def config_from_args(a: argparse.Namespace) -> EdgeConfig:
         upstream_timeout=a.upstream_timeout, idle_timeout=a.idle_timeout, heartbeat_interval=a.heartbeat_interval,
         dead_after=a.dead_after, health=health, rate_limit=a.rate_limit, rate_burst=a.rate_burst, grace=a.grace,
         keepalive_timeout=a.keepalive_timeout, client_body_timeout=a.client_body_timeout, max_headers=a.max_headers,
-        max_field_size=a.max_field_size, malloc_trim_interval=a.malloc_trim_interval,
+        max_field_size=a.max_field_size, malloc_trim_interval=a.malloc_trim_interval, health_path=a.health_path,
     )
 
 

@@ -40,6 +40,8 @@ class EdgeConfig:
     heartbeat_interval: float = 1.0
     dead_after: float = 3.0  # a tunnel silent this long is declared dead
     health: HealthPolicy = field(default_factory=HealthPolicy)
+    # Active checks use the path each agent declares in its HELLO; this is
+    # only the fallback for agents that declare none (older agents).
     health_path: str = "/healthz"
     # Rate limits (per client key); 0 disables
     rate_limit: float = 1000.0

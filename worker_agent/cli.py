@@ -7,8 +7,8 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -40,12 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", default=e("AGENT_POOL", d.pool), help="pool this worker serves (AGENT_POOL)")
     p.add_argument("--capacity", type=int, default=int(e("AGENT_CAPACITY", d.capacity)),
                    help="requests this worker takes at once (AGENT_CAPACITY)")
-    p.add_argument("--id", dest="agent_id", default=e("AGENT_ID", socket.gethostname()),
-                   help="worker id, unique per edge (AGENT_ID)")
+    p.add_argument("--id", dest="agent_id", default=e("AGENT_ID", ""),
+                   help="worker id, unique per edge; the edge refuses a second live process with the same id. "
+                        "Default: HOSTNAME-UPSTREAMPORT-XXXX (4 random hex), unique per process; set it for a "
+                        "name that survives restarts (AGENT_ID)")
     p.add_argument("--tunnels-per-edge", type=int, default=int(e("AGENT_TUNNELS_PER_EDGE", d.tunnels_per_edge)),
                    help="parallel tunnels to each edge (AGENT_TUNNELS_PER_EDGE)")
     p.add_argument("--label", action="append", default=None, help="KEY=VALUE shown at the edge (AGENT_LABELS, comma-separated)")
-    p.add_argument("--health-path", default=e("AGENT_HEALTH_PATH", d.health_path), help="upstream health path (AGENT_HEALTH_PATH)")
+    p.add_argument("--health-path", default=e("AGENT_HEALTH_PATH", d.health_path),
+                   help="upstream health path, probed by the agent and declared to the edge, whose active checks "
+                        "use it too, e.g. /v2/health/ready for KServe/Triton servers (AGENT_HEALTH_PATH)")
     p.add_argument("--health-interval", type=float, default=float(e("AGENT_HEALTH_INTERVAL", d.health_interval)),
                    help="seconds between upstream health probes (AGENT_HEALTH_INTERVAL)")
     p.add_argument("--upstream-timeout", type=float, default=float(e("AGENT_UPSTREAM_TIMEOUT", d.upstream_timeout)),
@@ -79,6 +83,12 @@ def config_from_args(a: argparse.Namespace) -> AgentConfig:
         labels[k] = v
     if a.capacity < 1:
         raise SystemExit("error: --capacity must be at least 1")
+    if not a.health_path.startswith("/") or len(a.health_path) > 1024 or not all(
+            0x21 <= ord(c) <= 0x7e for c in a.health_path):
+        raise SystemExit(f"error: --health-path {a.health_path!r} must be a path starting with '/' (no spaces)")
+    if a.agent_id and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$", a.agent_id):
+        raise SystemExit(f"error: --id {a.agent_id!r} must be 1-128 letters, digits, '.', '_', ':' or '-', "
+                         "starting with a letter or digit")
     return AgentConfig(
         edges=edges, token=token, ca=a.ca, insecure=a.insecure, client_cert=a.client_cert, client_key=a.client_key,
         upstream=a.upstream, pool=a.pool, capacity=a.capacity, agent_id=a.agent_id,
@@ -93,8 +103,8 @@ async def run(cfg: AgentConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop)
-    log.info("agent %s: pool %s, capacity %d, upstream %s, edges %s", cfg.agent_id, cfg.pool, cfg.capacity,
-             cfg.upstream, ", ".join(cfg.edges))
+    log.info("agent %s (instance %s): pool %s, capacity %d, upstream %s (checked at %s), edges %s", cfg.agent_id,
+             agent.instance, cfg.pool, cfg.capacity, cfg.upstream, cfg.health_path, ", ".join(cfg.edges))
     await agent.run()
 
 

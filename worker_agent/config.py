@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import secrets
 import socket
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 
 @dataclass(slots=True)
@@ -17,7 +20,7 @@ class AgentConfig:
     upstream: str = "http://127.0.0.1:8000"
     pool: str = "default"
     capacity: int = 4
-    agent_id: str = field(default_factory=socket.gethostname)
+    agent_id: str = ""  # "" = default_agent_id(upstream): unique per process, see there
     tunnels_per_edge: int = 1
     labels: dict[str, str] = field(default_factory=dict)
     health_path: str = "/healthz"
@@ -27,3 +30,24 @@ class AgentConfig:
     grace: float = 10.0  # seconds to finish in-flight requests on SIGTERM
     heartbeat_interval: float = 1.0
     dead_after: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not self.agent_id:
+            self.agent_id = default_agent_id(self.upstream)
+
+
+def default_agent_id(upstream: str) -> str:
+    """`<hostname>-<upstream port>-<4 random hex>`, e.g. `gpu-box-8000-3f9a`.
+
+    The hostname and port say where the worker runs and which server it
+    fronts; the random part keeps two agents that share both apart (the
+    agents of two containers with the host's name, each upstream on :8000).
+    It changes at each start; pass --id for a name that stays."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0]).strip("-._")[:64] or "worker"
+    try:
+        port = urlsplit(upstream).port
+    except ValueError:
+        port = None
+    if port is None:
+        port = 443 if upstream.startswith("https:") else 80
+    return f"{host}-{port}-{secrets.token_hex(2)}"
