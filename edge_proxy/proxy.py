@@ -205,6 +205,7 @@ async def _exchange(state: EdgeState, request: web.Request, request_id: str, ses
     """One attempt on one worker. Returns (response, ok for outlier detection, latency sample)."""
     cfg = state.config
     worker_id = session.worker.agent_id if session.worker else "?"
+    pool = session.worker.pool if session.worker else "-"
     try:
         ch = session.open_stream(head, end_stream=not has_body)
     except StreamError:
@@ -217,7 +218,6 @@ async def _exchange(state: EdgeState, request: web.Request, request_id: str, ses
     if pump is not None:
         # The upload can end (client gone) after this handler was cancelled
         # and stopped looking at it: its end is collected here whatever happens.
-        pool = session.worker.pool if session.worker else "-"
         pump.add_done_callback(lambda t: _upload_ended(state, t, request_id, worker_id, pool, body))
     try:
         try:
@@ -305,6 +305,10 @@ async def _exchange(state: EdgeState, request: web.Request, request_id: str, ses
     except asyncio.CancelledError:
         # The client went away: cancel the stream so the worker cancels the upstream request.
         io.reset(ch.stream_id, ErrorCode.CANCEL, "client disconnected")
+        if pump is not None and not pump.done():
+            # Gone mid-upload while the pump waited on the tunnel, not on the
+            # client (else the pump's own end reports it, see _upload_ended).
+            _upload_aborted(state, request_id, worker_id, pool, body, "connection closed")
         raise
     finally:
         if pump is not None and not pump.done():
@@ -324,13 +328,17 @@ def _upload_ended(state: EdgeState, pump: asyncio.Task[None], request_id: str, w
     exc = pump.exception()  # retrieved, so asyncio never reports it as lost
     if exc is None or isinstance(exc, BodyTooLarge | BodyStalled | StreamError):
         return  # a finished upload, or one answered by the handler (413/408/502)
-    if isinstance(exc, ConnectionError | asyncio.IncompleteReadError) or (
-            isinstance(exc, OSError) and not isinstance(exc, TimeoutError)):
-        state.metrics.upload_aborts.labels(pool).inc()
-        log.info("request %s: the client aborted its upload to worker %s after %d bytes (%s)", request_id, worker_id,
-                 body.read, exc or exc.__class__.__name__)
+    if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):  # ConnectionResetError and kin
+        _upload_aborted(state, request_id, worker_id, pool, body, str(exc) or exc.__class__.__name__)
         return
     log.warning("request %s: upload to worker %s failed: %r", request_id, worker_id, exc)
+
+
+def _upload_aborted(state: EdgeState, request_id: str, worker_id: str, pool: str, body: RequestBody,
+                    cause: str) -> None:
+    state.metrics.upload_aborts.labels(pool).inc()
+    log.info("request %s: the client aborted its upload to worker %s after %d bytes (%s)", request_id, worker_id,
+             body.read, cause)
 
 
 async def _pump_body(io: TunnelIO, ch: StreamChannel, body: RequestBody) -> None:
