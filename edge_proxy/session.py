@@ -129,9 +129,13 @@ class EdgeSession:
             return False
         self.tunnel_index = hello.labels.get("tunnel", "0")
         self.conn.accept(self.state.config.heartbeat_interval)
+        previous = reg.workers.get(hello.agent_id)
         worker, stale = reg.attach(self, hello.agent_id, hello.pool, hello.capacity, self.tunnel_index,
                                    self.token_name, hello.software, hello.labels, hello.instance, hello.health_path)
         self.worker = worker
+        if previous is not None and previous is not worker and previous.pool == worker.pool:
+            log.info("worker %s: a new agent process (instance %s) takes over from one that is draining "
+                     "(instance %s)", hello.agent_id, hello.instance, previous.instance)
         if stale is not None and stale is not self:
             log.info("worker %s reconnected; replacing its stale tunnel", hello.agent_id)
             stale.abort("replaced by a new tunnel from the same agent")
