@@ -213,8 +213,8 @@ def admin_page(state: EdgeState, norm: str) -> web.Response:
         return web.json_response({"workers": workers, "pools": state.registry.pool_names()})
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(w[k]))}</td>" for k in
-                         ("id", "pool", "health", "tunnel_rtt_ms", "in_flight", "capacity", "served", "errors",
-                          "ewma_latency_ms")) + "</tr>"
+                         ("id", "pool", "health", "health_detail", "tunnel_rtt_ms", "in_flight", "capacity",
+                          "served", "errors", "ewma_latency_ms")) + "</tr>"
         for w in workers
     )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>edge status</title>
@@ -222,7 +222,7 @@ def admin_page(state: EdgeState, norm: str) -> web.Response:
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}</style></head>
 <body><h1>Edge status</h1><p>{len(workers)} worker(s), {state.in_flight} request(s) in flight,
 up {time.time() - state.started:.0f} s{' &mdash; DRAINING' if state.draining else ''}</p>
-<table><tr><th>worker</th><th>pool</th><th>health</th><th>RTT ms</th><th>in flight</th><th>capacity</th>
+<table><tr><th>worker</th><th>pool</th><th>health</th><th>why</th><th>RTT ms</th><th>in flight</th><th>capacity</th>
 <th>served</th><th>errors</th><th>EWMA ms</th></tr>{rows}</table></body></html>"""
     return web.Response(text=page, content_type="text/html")
 
