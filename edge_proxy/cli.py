@@ -17,6 +17,7 @@ from aiohttp import web
 
 from tunnel import allocator
 from tunnel import eventloop as loop
+from tunnel.handshake import is_valid_health_path
 
 from . import auth, certs
 from .app import drain, make_app
@@ -118,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(a: argparse.Namespace) -> EdgeConfig:
     host, port = a.listen if isinstance(a.listen, tuple) else _hostport(a.listen)
-    if not a.health_path.startswith("/"):
-        raise SystemExit(f"error: --health-path {a.health_path!r} must start with '/'")
+    if not is_valid_health_path(a.health_path):
+        raise SystemExit(f"error: --health-path {a.health_path!r} must be a path starting with one '/', printable "
+                         "ASCII without spaces")
     health = HealthPolicy(a.check_interval, a.check_timeout, a.unhealthy_threshold, a.healthy_threshold,
                           a.consecutive_failures, a.base_ejection_time, a.max_ejection_time)
     return replace(

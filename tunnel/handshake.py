@@ -14,8 +14,9 @@ PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 # A per-process random token; long enough that two processes never share one.
 _INSTANCE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
-# An origin-form path (and query) of printable ASCII, as it goes on a request line.
-_PATH = re.compile(r"^/[\x21-\x7e]{0,1023}$")
+# An origin-form path (and query) of printable ASCII, as it goes on a request
+# line; not "//...", which a request head refuses (it would name a host).
+_PATH = re.compile(r"^/(?!/)[\x21-\x7e]{0,1023}$")
 MAX_LABELS = 32
 
 
@@ -188,6 +189,17 @@ class WorkerStatus:
         if not isinstance(healthy, bool) or not isinstance(detail, str) or len(detail) > 1024:
             raise ProtocolError("STATUS must carry a boolean 'healthy' and a short 'detail'")
         return cls(healthy, detail)
+
+
+def is_valid_name(value: str) -> bool:
+    """Whether `value` may be an agent id or a pool name in a HELLO."""
+    return bool(_NAME.match(value))
+
+
+def is_valid_health_path(value: str) -> bool:
+    """Whether `value` may be a HELLO's `health_path` (checked before sending,
+    so a bad setting is a start-up error rather than a refused tunnel)."""
+    return bool(_PATH.match(value))
 
 
 def choose_version(offered: tuple[int, ...]) -> int | None:

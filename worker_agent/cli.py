@@ -7,13 +7,13 @@ import argparse
 import asyncio
 import logging
 import os
-import re
 import signal
 import sys
 from pathlib import Path
 
 from tunnel import allocator
 from tunnel import eventloop as loop
+from tunnel.handshake import is_valid_health_path, is_valid_name
 
 from .agent import Agent
 from .config import AgentConfig
@@ -83,10 +83,10 @@ def config_from_args(a: argparse.Namespace) -> AgentConfig:
         labels[k] = v
     if a.capacity < 1:
         raise SystemExit("error: --capacity must be at least 1")
-    if not a.health_path.startswith("/") or len(a.health_path) > 1024 or not all(
-            0x21 <= ord(c) <= 0x7e for c in a.health_path):
-        raise SystemExit(f"error: --health-path {a.health_path!r} must be a path starting with '/' (no spaces)")
-    if a.agent_id and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$", a.agent_id):
+    if not is_valid_health_path(a.health_path):
+        raise SystemExit(f"error: --health-path {a.health_path!r} must be a path starting with one '/', printable "
+                         "ASCII without spaces, at most 1024 characters")
+    if a.agent_id and not is_valid_name(a.agent_id):
         raise SystemExit(f"error: --id {a.agent_id!r} must be 1-128 letters, digits, '.', '_', ':' or '-', "
                          "starting with a letter or digit")
     return AgentConfig(

@@ -237,7 +237,7 @@ def test_hello_carries_the_instance_and_health_path_and_old_hellos_still_decode(
 
 @pytest.mark.parametrize("field", [
     '"instance":"short"', '"instance":"has space in it"', '"instance":12345678', '"instance":"' + "a" * 65 + '"',
-    '"health_path":"healthz"', '"health_path":"/with space"', '"health_path":"/\u00e9"', '"health_path":["/x"]',
+    '"health_path":"healthz"', '"health_path":"//evil.example/x"', '"health_path":"/with space"', '"health_path":"/\u00e9"', '"health_path":["/x"]',
     '"health_path":"/' + "a" * 1024 + '"',
 ])
 def test_hello_with_a_bad_instance_or_health_path_is_refused(field):
