@@ -92,10 +92,12 @@ def random_payload(ftype: int, rng: random.Random) -> bytes:
     if ftype == FrameType.PING and r < 0.8:
         return rng.randbytes(8)
     if ftype == FrameType.GOAWAY and r < 0.8:
-        return struct.pack("!II", rng.choice([0, 1, 3, 2**31 - 1, rng.getrandbits(32)]), rng.choice([0, 1, 7, 13, 99]))
+        return struct.pack("!II", rng.choice([0, 1, 3, 2**31 - 1, rng.getrandbits(32)]), rng.choice([0, 1, 7, 13, 14, 99]))
     if ftype == FrameType.HELLO and r < 0.5:
         return Hello(rng.choice(["a", "", "x" * 300]), capacity=rng.choice([0, 1, 4]),
-                     versions=rng.choice([(1,), (2,), (), (1, 2)])).encode()
+                     versions=rng.choice([(1,), (2,), (), (1, 2)]),
+                     instance=rng.choice(["", "0123456789abcdef", "short", "x y" * 5, "z" * 65]),
+                     health_path=rng.choice(["", "/healthz", "healthz", "/a b", "/" + "p" * 1100])).encode()
     if ftype == FrameType.WELCOME and r < 0.5:
         return Welcome(rng.choice([0, 1, 2]), "s", rng.choice([0.0, 1.0, -1.0]), LIMITS).encode()
     if ftype == FrameType.STATUS and r < 0.5:

@@ -25,16 +25,33 @@ def ready(state: EdgeState) -> web.Response:
     return web.json_response({"ready": ok, "healthy_workers": pools}, status=200 if ok else 503)
 
 
-def worker_info(w: Worker, now: float) -> dict[str, object]:
+def health_detail(w: Worker, now: float) -> str:
+    """Why the worker is not healthy ("" when it is), in one line."""
+    h = w.health
+    if w.live_session() is None:
+        return "no tunnel accepting requests"
+    if h.is_ejected(now):
+        return f"ejected for {h.ejected_until - now:.0f} s more after consecutive failed requests"
+    if not h.agent_healthy:
+        return f"agent reports its upstream unhealthy: {h.agent_detail}"
+    if not h.checks_healthy:
+        return f"active check failed: {h.last_check_error}"
+    return ""
+
+
+def worker_info(w: Worker, now: float, fallback_health_path: str = "/healthz") -> dict[str, object]:
     rtt = w.rtt()
     return {
         "id": w.agent_id,
+        "instance": w.instance,
         "pool": w.pool,
         "capacity": w.capacity,
         "in_flight": w.in_flight,
         "served": w.served,
         "errors": w.errors,
         "health": w.health.state(now) if w.live_session() else "disconnected",
+        "health_detail": health_detail(w, now),
+        "health_path": w.health_path or fallback_health_path,
         "available": w.available(now),
         "agent_report": {"healthy": w.health.agent_healthy, "detail": w.health.agent_detail},
         "last_check_error": w.health.last_check_error,
@@ -53,13 +70,13 @@ def admin_page(state: EdgeState, norm: str) -> web.Response:
     if norm == "/_edge/metrics":
         return web.Response(body=state.metrics.render(state.registry.snapshot()),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-    workers = [worker_info(w, now) for w in state.registry.workers.values()]
+    workers = [worker_info(w, now, state.config.health_path) for w in state.registry.workers.values()]
     if norm == "/_edge/workers":
         return web.json_response({"workers": workers, "pools": state.registry.pool_names()})
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(w[k]))}</td>" for k in
-                         ("id", "pool", "health", "tunnel_rtt_ms", "in_flight", "capacity", "served", "errors",
-                          "ewma_latency_ms")) + "</tr>"
+                         ("id", "pool", "health", "health_detail", "tunnel_rtt_ms", "in_flight", "capacity",
+                          "served", "errors", "ewma_latency_ms")) + "</tr>"
         for w in workers
     )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>edge status</title>
@@ -67,6 +84,6 @@ def admin_page(state: EdgeState, norm: str) -> web.Response:
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}</style></head>
 <body><h1>Edge status</h1><p>{len(workers)} worker(s), {state.in_flight} request(s) in flight,
 up {time.time() - state.started:.0f} s{' &mdash; DRAINING' if state.draining else ''}</p>
-<table><tr><th>worker</th><th>pool</th><th>health</th><th>RTT ms</th><th>in flight</th><th>capacity</th>
+<table><tr><th>worker</th><th>pool</th><th>health</th><th>why</th><th>RTT ms</th><th>in flight</th><th>capacity</th>
 <th>served</th><th>errors</th><th>EWMA ms</th></tr>{rows}</table></body></html>"""
     return web.Response(text=page, content_type="text/html")

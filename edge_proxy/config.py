@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from runtime.settings import option
 from tunnel import PeerSettings
+from tunnel.handshake import is_valid_health_path
 
 from .health import HealthPolicy
 
@@ -18,6 +19,13 @@ def parse_hostport(value: str) -> str:
     host, _, port = value.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+def parse_health_path(value: str) -> str:
+    if not is_valid_health_path(value):
+        raise argparse.ArgumentTypeError(f"{value!r} must be a path starting with one '/', printable ASCII without "
+                                         "spaces")
     return value
 
 
@@ -68,7 +76,9 @@ class EdgeConfig:
     heartbeat_interval: float = option(1.0, group=TUNNELS, help="seconds between tunnel pings")
     dead_after: float = option(3.0, group=TUNNELS, help="a tunnel silent this many seconds is dead")
     health: HealthPolicy = field(default_factory=HealthPolicy)
-    health_path: str = option("/healthz", group=TUNNELS, help="path of the active health checks")
+    health_path: str = option("/healthz", group=TUNNELS, parse=parse_health_path,
+                              help="path of the active checks for agents that declare none in their HELLO (older "
+                                   "agents); an agent's own --health-path always wins")
     # Rate limits (per client key); 0 disables
     rate_limit: float = option(1000.0, group=CLIENTS, help="requests/s per client key, 0 = off")
     rate_burst: float = option(2000.0, group=CLIENTS, help="burst size per client key")

@@ -38,6 +38,11 @@ class EdgeMetrics:
         self.retries = Counter("edge_retries", "Requests retried on another worker", ["pool"], registry=r)
         self.ejections = Counter("edge_ejections", "Workers ejected by outlier detection", ["pool"], registry=r)
         self.rejections = Counter("edge_rejections", "Requests refused at the edge", ["reason"], registry=r)
+        self.tunnel_refusals = Counter("edge_tunnel_refusals", "Agent handshakes refused (duplicate_id: another "
+                                       "live agent process holds the id; version: no common protocol version)",
+                                       ["reason"], registry=r)
+        self.upload_aborts = Counter("edge_upload_aborts", "Request bodies cut off by the client mid-upload",
+                                     ["pool"], registry=r)
         self.tunnel_rtt = Gauge("edge_tunnel_rtt_seconds", "Smoothed tunnel RTT from heartbeats", ["worker", "pool"],
                                 registry=r)
         self.workers = Gauge("edge_workers", "Connected workers by pool and health", ["pool", "state"], registry=r)

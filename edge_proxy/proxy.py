@@ -207,6 +207,7 @@ async def _exchange(state: EdgeState, request: web.Request, request_id: str, ses
     """One attempt on one worker. Returns (response, ok for outlier detection, latency sample)."""
     cfg = state.config
     worker_id = session.worker.agent_id if session.worker else "?"
+    pool = session.worker.pool if session.worker else "-"
     try:
         ch = session.open_stream(head, end_stream=not has_body)
     except StreamError:
@@ -216,6 +217,10 @@ async def _exchange(state: EdgeState, request: web.Request, request_id: str, ses
     t_sent = time.monotonic()
     io = session.io
     pump = asyncio.create_task(_pump_body(io, ch, body)) if has_body else None
+    if pump is not None:
+        # The upload can end (client gone) after this handler was cancelled
+        # and stopped looking at it: its end is collected here whatever happens.
+        pump.add_done_callback(lambda t: _upload_ended(state, t, request_id, worker_id, pool, body))
     try:
         try:
             rhead = await _await_head(ch, pump, cfg.upstream_timeout)
@@ -302,6 +307,10 @@ async def _exchange(state: EdgeState, request: web.Request, request_id: str, ses
     except asyncio.CancelledError:
         # The client went away: cancel the stream so the worker cancels the upstream request.
         io.reset(ch.stream_id, ErrorCode.CANCEL, "client disconnected")
+        if pump is not None and not pump.done():
+            # Gone mid-upload while the pump waited on the tunnel, not on the
+            # client (else the pump's own end reports it, see _upload_ended).
+            _upload_aborted(state, request_id, worker_id, pool, body, "connection closed")
         raise
     finally:
         if pump is not None and not pump.done():
@@ -310,6 +319,28 @@ async def _exchange(state: EdgeState, request: web.Request, request_id: str, ses
             pump.cancel()
             if ch.stream_id in io.channels or io.conn.is_open(ch.stream_id):
                 io.reset(ch.stream_id, ErrorCode.CANCEL, "request abandoned")
+
+
+def _upload_ended(state: EdgeState, pump: asyncio.Task[None], request_id: str, worker_id: str, pool: str,
+                  body: RequestBody) -> None:
+    """Collect the end of a body upload. A client that cuts its upload off is
+    an ordinary event (counted, logged at info), not an asyncio error."""
+    if pump.cancelled():
+        return
+    exc = pump.exception()  # retrieved, so asyncio never reports it as lost
+    if exc is None or isinstance(exc, BodyTooLarge | BodyStalled | StreamError):
+        return  # a finished upload, or one answered by the handler (413/408/502)
+    if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):  # ConnectionResetError and kin
+        _upload_aborted(state, request_id, worker_id, pool, body, str(exc) or exc.__class__.__name__)
+        return
+    log.warning("request %s: upload to worker %s failed: %r", request_id, worker_id, exc)
+
+
+def _upload_aborted(state: EdgeState, request_id: str, worker_id: str, pool: str, body: RequestBody,
+                    cause: str) -> None:
+    state.metrics.upload_aborts.labels(pool).inc()
+    log.info("request %s: the client aborted its upload to worker %s after %d bytes (%s)", request_id, worker_id,
+             body.read, cause)
 
 
 async def _pump_body(io: TunnelIO, ch: StreamChannel, body: RequestBody) -> None:

@@ -56,6 +56,8 @@ class Worker:
     token_name: str = ""
     software: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    instance: str = ""  # the agent process's random identity ("" = an agent too old to send one)
+    health_path: str = ""  # where the agent asked to be checked ("" = the edge's fallback)
     sessions: dict[str, TunnelSession] = field(default_factory=dict)  # tunnel index -> session
     in_flight: int = 0
     served: int = 0
@@ -140,21 +142,43 @@ class Registry:
         self.on_ejection = on_ejection
 
     # ----------------------------------------------------------- membership
+    def clash(self, agent_id: str, instance: str, token_name: str) -> str | None:
+        """Why a tunnel announcing `agent_id` must be refused, or None to admit it.
+
+        The same process reconnecting (same instance) is admitted and replaces
+        its stale tunnel. Another process (another instance) is refused while
+        the first still has a live tunnel: otherwise the two would replace each
+        other's tunnels for ever. Agents that send no instance keep the old
+        rule (a newcomer replaces the tunnel)."""
+        w = self.workers.get(agent_id)
+        if w is None:
+            return None
+        if w.token_name != token_name:
+            return "agent id is in use by another credential"
+        if w.instance and instance and w.instance != instance and w.live_session() is not None:
+            return "another worker process already uses it"
+        return None
+
     def attach(self, session: TunnelSession, agent_id: str, pool: str, capacity: int, tunnel: str, token_name: str,
-               software: str = "", labels: dict[str, str] | None = None) -> tuple[Worker, TunnelSession | None]:
+               software: str = "", labels: dict[str, str] | None = None, instance: str = "",
+               health_path: str = "") -> tuple[Worker, TunnelSession | None]:
         """Add a session; returns the worker and the stale session it replaced (to close)."""
         w = self.workers.get(agent_id)
-        if w is not None and w.pool != pool:
-            # Moving pools: detach from the old one entirely.
+        if w is not None and (w.pool != pool or (w.instance and instance and w.instance != instance)):
+            # Moving pools, or a new process taking over from one that is
+            # draining: a worker of its own; the old sessions finish alone.
             self._remove_worker(w)
             w = None
         if w is None:
-            w = Worker(agent_id, pool, capacity, WorkerHealth(self.policy), token_name, software, dict(labels or {}))
+            w = Worker(agent_id, pool, capacity, WorkerHealth(self.policy), token_name, software, dict(labels or {}),
+                       instance)
             self.workers[agent_id] = w
             self.pools.setdefault(pool, Pool(pool)).workers.append(w)
         w.capacity = capacity
         w.software = software
         w.labels = dict(labels or {})
+        w.instance = instance
+        w.health_path = health_path
         stale = w.sessions.get(tunnel)
         w.sessions[tunnel] = session
         self.wake(pool)

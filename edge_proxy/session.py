@@ -115,22 +115,33 @@ class EdgeSession:
         hello = ev.hello
         reg = self.state.registry
         if choose_version(hello.versions) is None:
+            self.state.metrics.tunnel_refusals.labels("version").inc()
             self.conn.reject(ErrorCode.VERSION_MISMATCH, f"edge speaks versions {list(PROTOCOL_VERSIONS)}")
             return False
-        existing = reg.workers.get(hello.agent_id)
-        if existing is not None and existing.token_name != self.token_name:
-            log.warning("tunnel from %s claims agent id %r held by another credential; refused", self.peer, hello.agent_id)
-            self.conn.reject(ErrorCode.PROTOCOL_ERROR, "agent id is in use by another credential")
+        clash = reg.clash(hello.agent_id, hello.instance, self.token_name)
+        if clash is not None:
+            held = reg.workers[hello.agent_id]
+            log.warning("tunnel from %s claims agent id %r (instance %s), but %s (instance %s, pool %s, connected "
+                        "%.0f s ago); refused the newcomer: each agent process needs its own --id", self.peer,
+                        hello.agent_id, hello.instance or "-", clash, held.instance or "-", held.pool,
+                        time.time() - held.connected_at)
+            self.state.metrics.tunnel_refusals.labels("duplicate_id").inc()
+            self.conn.reject(ErrorCode.DUPLICATE_ID, clash)
             return False
         self.tunnel_index = hello.labels.get("tunnel", "0")
         self.conn.accept(self.state.config.heartbeat_interval)
+        previous = reg.workers.get(hello.agent_id)
         worker, stale = reg.attach(self, hello.agent_id, hello.pool, hello.capacity, self.tunnel_index,
-                                   self.token_name, hello.software, hello.labels)
+                                   self.token_name, hello.software, hello.labels, hello.instance, hello.health_path)
         self.worker = worker
+        if previous is not None and previous is not worker and previous.pool == worker.pool:
+            log.info("worker %s: a new agent process (instance %s) takes over from one that is draining "
+                     "(instance %s)", hello.agent_id, hello.instance, previous.instance)
         if stale is not None and stale is not self:
             log.info("worker %s reconnected; replacing its stale tunnel", hello.agent_id)
             stale.abort("replaced by a new tunnel from the same agent")
-        log.info("worker %s joined pool %s (capacity %d) from %s", hello.agent_id, hello.pool, hello.capacity, self.peer)
+        log.info("worker %s joined pool %s (capacity %d, checked at %s) from %s", hello.agent_id, hello.pool,
+                 hello.capacity, self.check_path(), self.peer)
         return True
 
     async def _read_loop(self) -> None:
@@ -215,19 +226,24 @@ class EdgeSession:
         self.io.flush()
         return ch
 
+    def check_path(self) -> str:
+        """Where this worker's upstream is checked: the path its agent declared,
+        else the edge's fallback `health_path`."""
+        declared = self.worker.health_path if self.worker is not None else ""
+        return declared or self.state.config.health_path
+
     async def _health_checks(self) -> None:
         policy = self.state.config.health
-        path = self.state.config.health_path
         clock = time.monotonic
         # Ends with the tunnel by itself, so that no lost cancellation keeps
         # it (and, through it, the whole session) alive.
         while not self.io.closed.is_set():
             w = self.worker
             if w is not None and self.accepting:
-                ok, error = await self.check_once(path, policy.check_timeout)
-                before = w.health.checks_healthy
+                ok, error = await self.check_once(self.check_path(), policy.check_timeout)
+                before, before_error = w.health.checks_healthy, w.health.last_check_error
                 w.health.record_check(clock(), ok, error)
-                if before != w.health.checks_healthy:
+                if before != w.health.checks_healthy or (error and error != before_error):
                     log.info("worker %s active check: %s %s", w.agent_id,
                              "healthy" if w.health.checks_healthy else "UNHEALTHY", error)
                     self.state.registry.wake(w.pool)
@@ -246,9 +262,9 @@ class EdgeSession:
             self.io.release(ch.stream_id)
             if 200 <= head.status < 300:
                 return True, ""
-            return False, f"{path} answered {head.status}"
+            return False, f"GET {path} -> {head.status}"
         except TimeoutError:
             self.io.reset(ch.stream_id, ErrorCode.CANCEL, "health check timeout")
-            return False, f"{path} did not answer within {timeout:g} s"
+            return False, f"GET {path}: no answer within {timeout:g} s"
         except StreamError as exc:
-            return False, str(exc)
+            return False, f"GET {path}: {exc}"

@@ -156,13 +156,16 @@ class System:
         self.procs.append(p)
         return p
 
-    async def upstream(self, name: str = "upstream", port: int | None = None) -> tuple[Proc, str]:
+    async def upstream(self, name: str = "upstream", port: int | None = None,
+                       health_path: str = "/healthz") -> tuple[Proc, str]:
+        """`health_path`: where the upstream answers health (404 everywhere else)."""
         port = port or free_port()
-        p = self._start(name, [PY, str(ROOT / "tests" / "relay" / "upstream.py"), str(port)])
+        p = self._start(name, [PY, str(ROOT / "tests" / "relay" / "upstream.py"), str(port)],
+                        {"UPSTREAM_HEALTH_PATH": health_path})
         url = f"http://127.0.0.1:{port}"
 
         async def up() -> bool:
-            async with self.http().get(url + "/healthz") as r:
+            async with self.http().get(url + health_path) as r:
                 return r.status in (200, 503)
 
         await wait_for(up, 15, lambda: f"{name} to listen\n{p.log()}")
@@ -186,11 +189,13 @@ class System:
         return p, url
 
     def agent(self, name: str, edge_url: str, upstream: str, *extra: str, pool: str = "default", capacity: int = 8,
-              token: str | None = None) -> Proc:
+              token: str | None = None, default_id: bool = False) -> Proc:
+        """An agent with `--id name`, or with the agent's default id if `default_id`."""
         ws = edge_url.replace("https://", "wss://") + "/_edge/tunnel"
+        ident = [] if default_id else ["--id", name]
         return self._start(name, [PY, "-m", "worker_agent", "--edge", ws, "--token", token or self.pki.worker_token,
                                   "--ca", str(self.pki.ca), "--upstream", upstream, "--pool", pool, "--capacity",
-                                  str(capacity), "--id", name, "--health-interval", "0.5", *extra])
+                                  str(capacity), *ident, "--health-interval", "0.5", *extra])
 
     async def workers(self, edge_url: str) -> dict[str, dict[str, object]]:
         async with self.http().get(edge_url + "/_edge/workers", headers=self.auth()) as r:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from .errors import ErrorCode, ProtocolError, StreamClosedError, UsageError
@@ -154,9 +154,7 @@ class Connection:
         self._require_role(Role.AGENT)
         if self.hello is not None:
             raise UsageError("HELLO already sent")
-        hello = Hello(
-            hello.agent_id, hello.pool, hello.capacity, hello.software, hello.labels, hello.versions, self.local_settings
-        )
+        hello = replace(hello, settings=self.local_settings)
         self.hello = hello
         self._emit(FrameType.HELLO, 0, hello.encode())
 

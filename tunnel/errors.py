@@ -21,6 +21,9 @@ class ErrorCode(IntEnum):
     REFUSED_STREAM = 7
     CANCEL = 8
     VERSION_MISMATCH = 13
+    # (edge, refusing a HELLO) Another live agent process already serves this
+    # agent id: the newcomer must not take its place; give it its own id.
+    DUPLICATE_ID = 14
 
 
 class TunnelError(Exception):

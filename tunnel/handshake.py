@@ -12,6 +12,11 @@ from .errors import ProtocolError
 
 PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# A per-process random token; long enough that two processes never share one.
+_INSTANCE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+# An origin-form path (and query) of printable ASCII, as it goes on a request
+# line; not "//...", which a request head refuses (it would name a host).
+_PATH = re.compile(r"^/(?!/)[\x21-\x7e]{0,1023}$")
 MAX_LABELS = 32
 
 
@@ -53,9 +58,11 @@ class PeerSettings:
             "stream_window": (1024, 2**31 - 1),
             "connection_window": (1024, 2**31 - 1),
         }
+        # Not getattr(cls, key): on a slots dataclass that is the slot's descriptor.
+        defaults = cls().to_json()
         values: dict[str, int] = {}
         for key, (lo, hi) in bounds.items():
-            v = obj.get(key, getattr(cls, key))
+            v = obj.get(key, defaults[key])
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
                 raise ProtocolError(f"setting {key} out of range")
             values[key] = v
@@ -64,6 +71,12 @@ class PeerSettings:
 
 @dataclass(frozen=True, slots=True)
 class Hello:
+    """What an agent announces. `instance` is random per agent process: the
+    edge tells a reconnect (same instance) from a second process claiming the
+    same `agent_id` (another instance). `health_path` is where the edge checks
+    the agent's upstream. Both are optional on the wire ("" = not declared),
+    so HELLOs of older agents still decode."""
+
     agent_id: str
     pool: str = "default"
     capacity: int = 1
@@ -71,19 +84,24 @@ class Hello:
     labels: dict[str, str] = field(default_factory=dict)
     versions: tuple[int, ...] = PROTOCOL_VERSIONS
     settings: PeerSettings = field(default_factory=PeerSettings)
+    instance: str = ""
+    health_path: str = ""
 
     def encode(self) -> bytes:
-        return json.dumps(
-            {
-                "versions": list(self.versions),
-                "agent_id": self.agent_id,
-                "pool": self.pool,
-                "capacity": self.capacity,
-                "software": self.software,
-                "labels": self.labels,
-                "settings": self.settings.to_json(),
-            }
-        ).encode()
+        obj: dict[str, Any] = {
+            "versions": list(self.versions),
+            "agent_id": self.agent_id,
+            "pool": self.pool,
+            "capacity": self.capacity,
+            "software": self.software,
+            "labels": self.labels,
+            "settings": self.settings.to_json(),
+        }
+        if self.instance:
+            obj["instance"] = self.instance
+        if self.health_path:
+            obj["health_path"] = self.health_path
+        return json.dumps(obj).encode()
 
     @classmethod
     def decode(cls, payload: bytes) -> Hello:
@@ -112,7 +130,13 @@ class Hello:
         ):
             raise ProtocolError("HELLO labels must be a small string map")
         settings = PeerSettings.from_json(obj.get("settings", {}))
-        return cls(agent_id, pool, capacity, software, dict(labels), tuple(versions), settings)
+        instance = obj.get("instance", "")
+        if not isinstance(instance, str) or (instance and not _INSTANCE.match(instance)):
+            raise ProtocolError(f"HELLO instance must match {_INSTANCE.pattern}")
+        health_path = obj.get("health_path", "")
+        if not isinstance(health_path, str) or (health_path and not _PATH.match(health_path)):
+            raise ProtocolError("HELLO health_path must be a path starting with '/' (printable ASCII, at most 1024)")
+        return cls(agent_id, pool, capacity, software, dict(labels), tuple(versions), settings, instance, health_path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +189,17 @@ class WorkerStatus:
         if not isinstance(healthy, bool) or not isinstance(detail, str) or len(detail) > 1024:
             raise ProtocolError("STATUS must carry a boolean 'healthy' and a short 'detail'")
         return cls(healthy, detail)
+
+
+def is_valid_name(value: str) -> bool:
+    """Whether `value` may be an agent id or a pool name in a HELLO."""
+    return bool(_NAME.match(value))
+
+
+def is_valid_health_path(value: str) -> bool:
+    """Whether `value` may be a HELLO's `health_path` (checked before sending,
+    so a bad setting is a start-up error rather than a refused tunnel)."""
+    return bool(_PATH.match(value))
 
 
 def choose_version(offered: tuple[int, ...]) -> int | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import ssl
 import time
 from typing import Any
@@ -65,6 +66,15 @@ def client_ssl_context(cfg: AgentConfig) -> ssl.SSLContext:
     return ctx
 
 
+class EdgeRefused(Exception):
+    """The edge answered our HELLO with a GOAWAY: it will not take this tunnel."""
+
+    def __init__(self, code: ErrorCode, reason: str) -> None:
+        super().__init__(f"{code.name}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
 class TunnelClient:
     """One tunnel to one edge, reconnected for as long as the agent runs."""
 
@@ -87,11 +97,20 @@ class TunnelClient:
     async def run_forever(self) -> None:
         backoff = Backoff()
         last_error = ""
+        cfg = self.agent.config
         while not self.agent.stopping.is_set():
             started = time.monotonic()
+            refused = False
             try:
                 await self._session()
                 error = "edge closed the tunnel" if not self._edge_draining else "edge is draining"
+            except EdgeRefused as exc:
+                refused = True
+                if exc.code is ErrorCode.DUPLICATE_ID:
+                    error = (f"edge refused agent id {cfg.agent_id!r}: {exc.reason}; give each agent its own --id "
+                             "(AGENT_ID)")
+                else:
+                    error = f"edge refused the tunnel ({exc.code.name}): {exc.reason}"
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 error = f"edge refused the tunnel with HTTP {status}"
@@ -105,10 +124,14 @@ class TunnelClient:
                 self.connected.clear()
             if self.agent.stopping.is_set():
                 break
-            if time.monotonic() - started > STABLE_AFTER:
+            if time.monotonic() - started > STABLE_AFTER and not refused:
                 backoff.reset()
-            delay = backoff.next_delay()
-            if error != last_error or backoff.failures <= 1:
+            delay = backoff.next_delay(refused)
+            if refused and error != last_error:
+                # One line per clash; the later refusals are the same story.
+                log.error("tunnel %s: %s; not taking its place, retrying in %.1f s and then less often", self.name,
+                          error, delay)
+            elif not refused and (error != last_error or backoff.failures <= 1):
                 log.warning("tunnel %s: %s; reconnecting in %.2f s", self.name, error, delay)
             last_error = error
             try:
@@ -143,7 +166,8 @@ class TunnelClient:
             self._welcome = asyncio.get_running_loop().create_future()
             labels = dict(cfg.labels)
             labels["tunnel"] = str(self.index)
-            conn.send_hello(Hello(cfg.agent_id, cfg.pool, cfg.capacity, f"worker-agent/{__version__}", labels))
+            conn.send_hello(Hello(cfg.agent_id, cfg.pool, cfg.capacity, f"worker-agent/{__version__}", labels,
+                                  instance=self.agent.instance, health_path=cfg.health_path))
             io.start()
             try:
                 reader = asyncio.create_task(self._read_loop(ws, io))
@@ -152,6 +176,10 @@ class TunnelClient:
                                              return_when=asyncio.FIRST_COMPLETED)
                 if self._welcome not in done:
                     if reader in done:
+                        refusal = conn.goaway_received
+                        if refusal is not None and refusal.code is not ErrorCode.NO_ERROR:
+                            reader.cancel()
+                            raise EdgeRefused(refusal.code, refusal.reason)
                         reader.result()  # raise why it ended
                         raise ConnectionError(io.close_reason or "edge closed the tunnel during the handshake")
                     raise TimeoutError("no WELCOME from the edge within 10 s")
@@ -213,7 +241,8 @@ class TunnelClient:
             self._release_slot(ev.stream_id)
         elif isinstance(ev, GoAwayReceived):
             self._edge_draining = True
-            log.info("tunnel %s: edge is draining (%s)", self.name, ev.reason or ev.code.name)
+            if io.conn.welcome is not None:  # a GOAWAY in place of WELCOME is a refusal, reported by run_forever
+                log.info("tunnel %s: edge is draining (%s)", self.name, ev.reason or ev.code.name)
 
     async def _serve(self, io: TunnelIO, ch: StreamChannel, ev: RequestReceived) -> None:
         cfg = self.agent.config
@@ -283,6 +312,9 @@ class Agent:
             if not url.startswith(("wss://", "ws://")):
                 raise StartupError(f"edge URL {url!r} must start with wss:// (or ws:// for plain tests)")
         self.config = config
+        # Random per process: the edge tells this process reconnecting from
+        # another process that was given the same --id.
+        self.instance = secrets.token_hex(8)
         self.settings = PeerSettings()
         self.ssl_context = client_ssl_context(config)
         self.clients = [TunnelClient(self, url, i) for url in config.edges for i in range(config.tunnels_per_edge)]
@@ -315,7 +347,7 @@ class Agent:
         try:
             async with self.http.get(url, timeout=aiohttp.ClientTimeout(total=max(1.0, self.config.health_interval))) as r:
                 await r.read()
-                healthy, detail = 200 <= r.status < 300, f"{self.config.health_path} answered {r.status}"
+                healthy, detail = 200 <= r.status < 300, f"GET {self.config.health_path} -> {r.status}"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             healthy, detail = False, f"upstream unreachable: {exc.__class__.__name__}"
         if healthy != self.upstream_healthy:

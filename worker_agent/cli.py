@@ -48,8 +48,8 @@ async def run(cfg: AgentConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop)
-    log.info("agent %s: pool %s, capacity %d, upstream %s, edges %s", cfg.agent_id, cfg.pool, cfg.capacity,
-             cfg.upstream, ", ".join(cfg.edges))
+    log.info("agent %s (instance %s): pool %s, capacity %d, upstream %s (checked at %s), edges %s", cfg.agent_id,
+             agent.instance, cfg.pool, cfg.capacity, cfg.upstream, cfg.health_path, ", ".join(cfg.edges))
     await agent.run()
 
 

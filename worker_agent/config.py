@@ -6,10 +6,14 @@ deploy/systemd/worker-agent.env and docs/settings.md follow from it."""
 from __future__ import annotations
 
 import argparse
+import re
+import secrets
 import socket
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from runtime.settings import option
+from tunnel.handshake import is_valid_health_path, is_valid_name
 
 EDGE = "The edge(s) and credentials"
 WORK = "The upstream and the work it takes"
@@ -22,6 +26,20 @@ def parse_label(value: str) -> tuple[str, str]:
     if not sep or not k:
         raise argparse.ArgumentTypeError(f"a label is KEY=VALUE, got {value!r}")
     return k, v
+
+
+def parse_agent_id(value: str) -> str:
+    if value and not is_valid_name(value):
+        raise argparse.ArgumentTypeError(f"{value!r} must be 1-128 letters, digits, '.', '_', ':' or '-', starting "
+                                         "with a letter or digit")
+    return value
+
+
+def parse_health_path(value: str) -> str:
+    if not is_valid_health_path(value):
+        raise argparse.ArgumentTypeError(f"{value!r} must be a path starting with one '/', printable ASCII without "
+                                         "spaces, at most 1024 characters")
+    return value
 
 
 def parse_capacity(value: str) -> int:
@@ -47,13 +65,18 @@ class AgentConfig:
     upstream: str = option("http://127.0.0.1:8000", group=WORK, metavar="URL", help="local inference server")
     pool: str = option("default", group=WORK, help="pool this worker serves")
     capacity: int = option(4, parse=parse_capacity, group=WORK, help="requests this worker takes at once")
-    agent_id: str = option(default_factory=socket.gethostname, flag="--id", env="AGENT_ID", group=WORK,
-                           show=lambda _: "the host name", help="worker id, unique per edge")
+    agent_id: str = option("", flag="--id", env="AGENT_ID", group=WORK, parse=parse_agent_id,
+                           show=lambda _: "HOSTNAME-UPSTREAMPORT-XXXX",
+                           help="worker id, unique per edge; the edge refuses a second live process with the same id. "
+                                "The default (4 random hex digits at the end) is unique per process; set it for a "
+                                "name that survives restarts")
     tunnels_per_edge: int = option(1, group=WORK, help="parallel tunnels to each edge")
     labels: dict[str, str] = option(default_factory=dict, flag="--label", repeat=True, parse=parse_label,
                                     group=WORK, metavar="KEY=VALUE",
                                     help="KEY=VALUE shown at the edge; repeat (the variable is comma-separated)")
-    health_path: str = option("/healthz", group=WORK, help="upstream health path")
+    health_path: str = option("/healthz", group=WORK, parse=parse_health_path,
+                              help="upstream health path, probed by the agent and declared to the edge, whose active "
+                                   "checks use it too, e.g. /v2/health/ready for KServe/Triton servers")
     health_interval: float = option(2.0, group=WORK, help="seconds between upstream health probes")
     upstream_timeout: float = option(300.0, group=TIMING, help="seconds one upstream exchange may take")
     buffer_response: int = option(256 * 1024, group=TIMING,
@@ -67,3 +90,24 @@ class AgentConfig:
     log_level: str = option("info", group=PROCESS, choices=("debug", "info", "warning", "error"), help="log level")
     loop: str = option("auto", group=PROCESS, choices=("auto", "uvloop", "asyncio"),
                        help="event loop: auto picks uvloop when installed")
+
+    def __post_init__(self) -> None:
+        if not self.agent_id:
+            self.agent_id = default_agent_id(self.upstream)
+
+
+def default_agent_id(upstream: str) -> str:
+    """`<hostname>-<upstream port>-<4 random hex>`, e.g. `gpu-box-8000-3f9a`.
+
+    The hostname and port say where the worker runs and which server it
+    fronts; the random part keeps two agents that share both apart (the
+    agents of two containers with the host's name, each upstream on :8000).
+    It changes at each start; pass --id for a name that stays."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0]).strip("-._")[:64] or "worker"
+    try:
+        port = urlsplit(upstream).port
+    except ValueError:
+        port = None
+    if port is None:
+        port = 443 if upstream.startswith("https:") else 80
+    return f"{host}-{port}-{secrets.token_hex(2)}"

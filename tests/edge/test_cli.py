@@ -50,3 +50,8 @@ def test_agent_start_up_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "must start with wss://" in r.stderr
     r = cli("-m", "worker_agent", "--edge", "wss://x/_edge/tunnel", "--token", "t", "--ca", str(tmp_path / "nope.pem"))
     assert r.returncode == 2 and "cannot load CA file" in r.stderr and "Traceback" not in r.stderr
+    # Settings the edge would refuse in the HELLO are refused at start-up, saying why.
+    r = cli("-m", "worker_agent", "--edge", "wss://x/_edge/tunnel", "--token", "t", "--health-path", "v2/ready")
+    assert r.returncode == 2 and "--health-path: 'v2/ready' must be a path" in r.stderr and "Traceback" not in r.stderr
+    r = cli("-m", "worker_agent", "--edge", "wss://x/_edge/tunnel", "--token", "t", "--id", "../etc")
+    assert r.returncode == 2 and "--id: '../etc' must be" in r.stderr and "Traceback" not in r.stderr

@@ -242,3 +242,34 @@ async def test_reattach_with_same_id_replaces_the_stale_session():
     assert "w" in reg.workers
     reg.detach(w1, "0", new)
     assert "w" not in reg.workers
+
+
+def test_same_instance_reconnects_another_live_instance_is_refused():
+    reg = Registry(clock=FakeClock())
+    first = FakeSession()
+    w, _ = reg.attach(first, "w", "p", 2, "0", "t", instance="aaaaaaaa")  # type: ignore[arg-type]
+    # The same process, reconnecting (also on a reused tunnel index): admitted, replaces.
+    assert reg.clash("w", "aaaaaaaa", "t") is None
+    # Another process with the same id, while the first has a live tunnel: refused.
+    assert reg.clash("w", "bbbbbbbb", "t") == "another worker process already uses it"
+    # Another credential: refused whatever the instance.
+    assert reg.clash("w", "aaaaaaaa", "other") == "agent id is in use by another credential"
+    # Agents too old to send an instance keep the old rule.
+    assert reg.clash("w", "", "t") is None
+    # The first is draining (no tunnel accepting): the newcomer is admitted as
+    # a worker of its own; the draining one finishes alone and its late
+    # detach does not remove the newcomer.
+    first.accepting = False
+    assert reg.clash("w", "bbbbbbbb", "t") is None
+    w2, stale = reg.attach(FakeSession(), "w", "p", 2, "0", "t", instance="bbbbbbbb")  # type: ignore[arg-type]
+    assert w2 is not w and stale is None and reg.workers["w"] is w2
+    reg.detach(w, "0", first)  # type: ignore[arg-type]
+    assert reg.workers["w"] is w2 and reg.pools["p"].workers == [w2]
+
+
+def test_backoff_after_a_refusal_skips_quick_retries_and_waits_at_least_the_floor():
+    b = Backoff(quick_retries=3, quick_delay=0.1, base=0.5, cap=30.0, refused_floor=2.0, rng=random.Random(1))
+    delays = [b.next_delay(refused=True) for _ in range(8)]
+    assert all(d >= 2.0 for d in delays)
+    assert all(d <= max(2.0, hi) for d, hi in zip(delays, [0.5, 1, 2, 4, 8, 16, 30, 30], strict=True))
+    assert max(delays) > 4.0  # and it grows

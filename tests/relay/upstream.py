@@ -1,5 +1,6 @@
 """A small upstream for relay tests: echo, sizes, delays, hangs, SSE, a
-concurrency meter and a switchable /healthz. Run: python upstream.py PORT [HOST]."""
+concurrency meter and a switchable health path
+(/healthz, or UPSTREAM_HEALTH_PATH). Run: python upstream.py PORT [HOST]."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from aiohttp import WSMsgType, web
 
 ws_state: dict = {"open": 0, "closes": [], "big_sent": 0}
 state = {"in_flight": 0, "max_in_flight": 0, "served": 0, "healthy": True, "fail": False, "delay_ms": 0.0}
-CONTROL = ("/healthz", "/stats", "/set-", "/sse-release", "/ws-stats")
+# Where health is answered; a KServe/Triton-style server says /v2/health/ready (and 404 at /healthz).
+HEALTH_PATH = os.environ.get("UPSTREAM_HEALTH_PATH") or "/healthz"
+CONTROL = (HEALTH_PATH, "/stats", "/set-", "/sse-release", "/ws-stats")
 
 
 @web.middleware
@@ -191,7 +194,7 @@ def make_app() -> web.Application:
     app.router.add_get("/status/{code}", status)
     app.router.add_get("/sse", sse)
     app.router.add_get("/sse-release", release)
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get(HEALTH_PATH, healthz)
     app.router.add_get("/set-health/{value}", set_health)
     app.router.add_get("/crash", crash)
     app.router.add_get("/set-fail/{value}", set_fail)

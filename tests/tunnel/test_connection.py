@@ -222,6 +222,43 @@ def test_hello_with_bad_fields_is_refused():
         edge.receive_data(encode_frame(FrameType.HELLO, 0, b'{"versions":[1],"agent_id":"../etc","capacity":1}'))
 
 
+def test_hello_carries_the_instance_and_health_path_and_old_hellos_still_decode():
+    edge = Connection(Role.EDGE)
+    agent = Connection(Role.AGENT)
+    agent.send_hello(Hello("w1", instance="0123456789abcdef", health_path="/v2/health/ready?x=1"))
+    (ev,) = pump(agent, edge)
+    assert ev.hello.instance == "0123456789abcdef" and ev.hello.health_path == "/v2/health/ready?x=1"
+    # An agent from before these fields: decodes, both empty (= not declared).
+    old = Hello.decode(b'{"versions":[1],"agent_id":"w1","pool":"p","capacity":2}')
+    assert old.instance == "" and old.health_path == "" and old.capacity == 2
+    # Not declared -> not sent at all: what an older edge sees is unchanged.
+    assert b"instance" not in Hello("w1").encode() and b"health_path" not in Hello("w1").encode()
+
+
+@pytest.mark.parametrize("field", [
+    '"instance":"short"', '"instance":"has space in it"', '"instance":12345678', '"instance":"' + "a" * 65 + '"',
+    '"health_path":"healthz"', '"health_path":"//evil.example/x"', '"health_path":"/with space"', '"health_path":"/\u00e9"', '"health_path":["/x"]',
+    '"health_path":"/' + "a" * 1024 + '"',
+])
+def test_hello_with_a_bad_instance_or_health_path_is_refused(field):
+    edge = Connection(Role.EDGE)
+    payload = ('{"versions":[1],"agent_id":"w1","capacity":1,' + field + "}").encode()
+    with pytest.raises(ProtocolError, match="HELLO (instance|health_path)"):
+        edge.receive_data(encode_frame(FrameType.HELLO, 0, payload))
+    assert edge.data_to_send()[0] == FrameType.GOAWAY  # the agent is told why
+
+
+def test_refusing_a_duplicate_id_reaches_the_agent_as_goaway_duplicate_id():
+    edge = Connection(Role.EDGE)
+    agent = Connection(Role.AGENT)
+    agent.send_hello(Hello("w1", instance="0123456789abcdef"))
+    pump(agent, edge)
+    edge.reject(ErrorCode.DUPLICATE_ID, "another worker process already uses it")
+    (ev,) = pump(edge, agent)
+    assert isinstance(ev, GoAwayReceived) and ev.code is ErrorCode.DUPLICATE_ID
+    assert ev.reason == "another worker process already uses it" and agent.state is State.CLOSED
+
+
 def test_resetting_a_stream_whose_head_never_left_sends_nothing():
     edge, agent = pair()
     sid = edge.open_stream()
