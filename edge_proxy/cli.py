@@ -11,6 +11,7 @@ import os
 import signal
 import ssl
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 
 from aiohttp import web
@@ -22,12 +23,33 @@ from . import auth, certs
 from .app import drain, make_app
 from .config import EdgeConfig
 from .health import HealthPolicy
+from .overload import LimitPolicy
 
 log = logging.getLogger("edge_proxy")
 
 
 def _env(name: str, default: object = None) -> object:
     return os.environ.get(name, default)
+
+
+def _percent(value: str) -> float:
+    try:
+        p = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage from 0 to 100, got {value!r}") from None
+    if not 0 <= p <= 100:
+        raise argparse.ArgumentTypeError(f"expected a percentage from 0 to 100, got {value!r}")
+    return p
+
+
+def _seconds(value: str) -> float:
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (0 or more), got {value!r}") from None
+    if s < 0:
+        raise argparse.ArgumentTypeError(f"expected seconds (0 or more), got {value!r}")
+    return s
 
 
 def _hostport(value: str) -> tuple[str, int]:
@@ -63,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the edge", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = EdgeConfig()
     h = HealthPolicy()
+    lim = LimitPolicy()
     s.add_argument("--listen", type=_hostport, default=_env("EDGE_LISTEN", f"{d.host}:{d.port}"),
                    help="HOST:PORT to serve HTTPS on (EDGE_LISTEN)")
     s.add_argument("--cert", default=_env("EDGE_CERT"), help="server certificate PEM (EDGE_CERT)")
@@ -77,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse tunnels without a worker client certificate (EDGE_REQUIRE_WORKER_CERT)")
     s.add_argument("--insecure-http", action="store_true", default=_env("EDGE_INSECURE_HTTP", "") in ("1", "true"),
                    help="serve plain HTTP (only behind a TLS-terminating load balancer) (EDGE_INSECURE_HTTP)")
-    num = [
+    num: list[tuple[str, Callable[[str], object], object, str]] = [
         ("max-body", int, d.max_body, "largest request body in bytes; larger -> 413"),
         ("buffer-response", int, d.buffer_response, "responses up to this size are buffered to report `edge` timing"),
         ("queue-timeout", float, d.queue_timeout, "seconds a request may wait for a worker slot before 503"),
@@ -98,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("consecutive-failures", int, h.consecutive_failures, "5xx/timeouts in a row -> ejected"),
         ("base-ejection-time", float, h.base_ejection_time, "first ejection in seconds (n-th lasts n times it)"),
         ("max-ejection-time", float, h.max_ejection_time, "longest ejection in seconds"),
+        ("max-ejection-percent", _percent, h.max_ejection_percent,
+         "most workers of a pool ejected at once, in percent (always allows one; never the last available worker)"),
+        ("shed-recovery-time", _seconds, lim.recovery_time,
+         "seconds for a worker that shed load (503 with Retry-After, or 429) to regain its full capacity at this "
+         "edge; 0 = never lower it"),
         ("rate-limit", float, d.rate_limit, "requests/s per client key, 0 = off"),
         ("rate-burst", float, d.rate_burst, "burst size per client key"),
         ("grace", float, d.grace, "seconds to drain in-flight requests on SIGTERM"),
@@ -106,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     ]
     for name, typ, default, text in num:
         env = "EDGE_" + name.upper().replace("-", "_")
-        s.add_argument(f"--{name}", type=typ, default=typ(_env(env, default)), help=f"{text} ({env})")
+        s.add_argument(f"--{name}", type=typ, default=_env(env, default), help=f"{text} ({env})")
     s.add_argument("--log-level", default=_env("EDGE_LOG_LEVEL", "info"), help="debug|info|warning (EDGE_LOG_LEVEL)")
     s.add_argument("--loop", choices=loop.CHOICES, default=_env("EDGE_LOOP", "auto"),
                    help="event loop: auto picks uvloop when installed (EDGE_LOOP)")
@@ -116,13 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(a: argparse.Namespace) -> EdgeConfig:
     host, port = a.listen if isinstance(a.listen, tuple) else _hostport(a.listen)
     health = HealthPolicy(a.check_interval, a.check_timeout, a.unhealthy_threshold, a.healthy_threshold,
-                          a.consecutive_failures, a.base_ejection_time, a.max_ejection_time)
+                          a.consecutive_failures, a.base_ejection_time, a.max_ejection_time, a.max_ejection_percent)
     return replace(
         EdgeConfig(), host=host, port=port, cert=a.cert, key=a.key, client_keys=a.client_keys,
         worker_tokens=a.worker_tokens, worker_ca=a.worker_ca, require_worker_cert=a.require_worker_cert,
         max_body=a.max_body, buffer_response=a.buffer_response, queue_timeout=a.queue_timeout, max_queue=a.max_queue,
         upstream_timeout=a.upstream_timeout, idle_timeout=a.idle_timeout, heartbeat_interval=a.heartbeat_interval,
-        dead_after=a.dead_after, health=health, rate_limit=a.rate_limit, rate_burst=a.rate_burst, grace=a.grace,
+        dead_after=a.dead_after, health=health, shed_limit=replace(LimitPolicy(), recovery_time=a.shed_recovery_time),
+        rate_limit=a.rate_limit, rate_burst=a.rate_burst, grace=a.grace,
         keepalive_timeout=a.keepalive_timeout, client_body_timeout=a.client_body_timeout, max_headers=a.max_headers,
         max_field_size=a.max_field_size, malloc_trim_interval=a.malloc_trim_interval,
     )

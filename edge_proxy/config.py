@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from tunnel import PeerSettings
 
 from .health import HealthPolicy
+from .overload import LimitPolicy
 
 
 @dataclass(slots=True)
@@ -39,7 +40,10 @@ class EdgeConfig:
     # Liveness
     heartbeat_interval: float = 1.0
     dead_after: float = 3.0  # a tunnel silent this long is declared dead
-    health: HealthPolicy = field(default_factory=HealthPolicy)
+    health: HealthPolicy = field(default_factory=HealthPolicy)  # checks, ejection and its cap (max_ejection_percent)
+    # How far a worker's concurrency drops while it sheds load (503 +
+    # Retry-After, 429) and how fast it comes back (recovery_time, 0 = off).
+    shed_limit: LimitPolicy = field(default_factory=LimitPolicy)
     health_path: str = "/healthz"
     # Rate limits (per client key); 0 disables
     rate_limit: float = 1000.0

@@ -38,6 +38,15 @@ class EdgeMetrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.retries = Counter("edge_retries", "Requests retried on another worker", ["pool"], registry=r)
         self.ejections = Counter("edge_ejections", "Workers ejected by outlier detection", ["pool"], registry=r)
+        self.ejections_capped = Counter("edge_ejections_capped", "Ejections due by outlier detection that "
+                                        "--max-ejection-percent (or the last available worker) prevented", ["pool"],
+                                        registry=r)
+        self.shed = Counter("edge_upstream_shed", "Upstream answers saying busy (503 + Retry-After, 429): not "
+                            "failures; handling = retried on another worker or returned to the client",
+                            ["pool", "handling"], registry=r)
+        self.effective_capacity = Gauge("edge_worker_effective_capacity", "Requests the edge lets in flight on a "
+                                        "worker now: its capacity, lowered while it sheds load", ["worker", "pool"],
+                                        registry=r)
         self.rejections = Counter("edge_rejections", "Requests refused at the edge", ["reason"], registry=r)
         self.tunnel_rtt = Gauge("edge_tunnel_rtt_seconds", "Smoothed tunnel RTT from heartbeats", ["worker", "pool"],
                                 registry=r)
@@ -62,11 +71,13 @@ class EdgeMetrics:
         now = time.monotonic()
         self.workers.clear()
         self.tunnel_rtt.clear()
+        self.effective_capacity.clear()
         for pool in reg.pools.values():
             states: dict[str, int] = {}
             for w in pool.workers:
                 st = w.health.state(now) if w.live_session() else "disconnected"
                 states[st] = states.get(st, 0) + 1
+                self.effective_capacity.labels(w.agent_id, pool.name).set(w.limit.effective(now, w.capacity))
                 rtt = w.rtt()
                 if rtt is not None:
                     self.tunnel_rtt.labels(w.agent_id, pool.name).set(rtt)

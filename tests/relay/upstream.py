@@ -1,5 +1,6 @@
 """A small upstream for relay tests: echo, sizes, delays, hangs, SSE, a
-concurrency meter and a switchable /healthz. Run: python upstream.py PORT [HOST]."""
+concurrency meter, a switchable /healthz and load shedding like the inference
+server's (503 + Retry-After beyond N in flight). Run: python upstream.py PORT [HOST]."""
 
 from __future__ import annotations
 
@@ -11,19 +12,29 @@ import sys
 
 from aiohttp import web
 
-state = {"in_flight": 0, "max_in_flight": 0, "served": 0, "healthy": True, "fail": False, "delay_ms": 0.0}
+state = {"in_flight": 0, "max_in_flight": 0, "served": 0, "healthy": True, "fail": False, "delay_ms": 0.0,
+         "shed_beyond": 0, "active": 0, "shed": 0}
 CONTROL = ("/healthz", "/stats", "/set-", "/sse-release")
 
 
 @web.middleware
 async def misbehave(request: web.Request, handler):  # type: ignore[no-untyped-def]
-    """Modes set with /set-fail/on and /set-delay/MS, for fault tests."""
-    if not request.path.startswith(CONTROL):
+    """Modes set with /set-fail/on, /set-delay/MS and /set-shed/N, for fault tests."""
+    if request.path.startswith(CONTROL):
+        return await handler(request)
+    if state["shed_beyond"] and state["active"] >= state["shed_beyond"]:
+        # As inference/server.py does when its queue is full: busy, not broken.
+        state["shed"] += 1
+        return web.json_response({"error": "server busy; retry shortly"}, status=503, headers={"Retry-After": "1"})
+    state["active"] += 1
+    try:
         if state["delay_ms"]:
             await asyncio.sleep(float(state["delay_ms"]) / 1000)
         if state["fail"]:
             return web.Response(status=500, text="failing on purpose")
-    return await handler(request)
+        return await handler(request)
+    finally:
+        state["active"] -= 1
 sse_release = asyncio.Event()
 
 
@@ -110,6 +121,11 @@ async def set_fail(request: web.Request) -> web.Response:
     return web.Response(text="set")
 
 
+async def set_shed(request: web.Request) -> web.Response:
+    state["shed_beyond"] = int(request.match_info["n"])  # 0 = never shed
+    return web.Response(text="set")
+
+
 async def set_delay(request: web.Request) -> web.Response:
     state["delay_ms"] = float(request.match_info["ms"])
     return web.Response(text="set")
@@ -139,6 +155,7 @@ def make_app() -> web.Application:
     app.router.add_get("/crash", crash)
     app.router.add_get("/set-fail/{value}", set_fail)
     app.router.add_get("/set-delay/{ms}", set_delay)
+    app.router.add_get("/set-shed/{n}", set_shed)
     return app
 
 
