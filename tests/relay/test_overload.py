@@ -55,12 +55,7 @@ async def test_burst_on_shedding_workers_ejects_nobody_and_the_pool_serves_right
                     without_retry_after += 1
 
     await asyncio.gather(*(client() for _ in range(48)))
-    # Refusals are the upstream's own 503s (or the edge's queue ones), each
-    # with Retry-After: never a 502, never a 500.
-    assert set(statuses) <= {200, 503}, statuses
-    assert without_retry_after == 0, statuses
-    assert statuses[200] >= 100, statuses
-
+    # Right after the burst the pool serves at once.
     t0 = time.monotonic()
     after = []
     for _ in range(20):
@@ -70,6 +65,12 @@ async def test_burst_on_shedding_workers_ejects_nobody_and_the_pool_serves_right
     took = time.monotonic() - t0
     assert after == [200] * 20, (after, statuses)
     assert took < 3.0, took
+    # During it, refusals were the upstream's own 503s (or the edge's queue
+    # ones), each with Retry-After: never a 502, never a 500. Most requests
+    # waited for a slot at the edge instead and were served.
+    assert set(statuses) <= {200, 503}, statuses
+    assert without_retry_after == 0, statuses
+    assert statuses[200] >= 100, statuses
     text = await metrics_text(system, edge)
     assert total(text, "edge_ejections_total") == 0, (statuses, text)
     ws = await system.workers(edge)
