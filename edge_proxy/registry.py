@@ -53,6 +53,9 @@ class Worker:
     latency: Ewma = field(default_factory=Ewma)
     connected_at: float = field(default_factory=time.time)
 
+    def __post_init__(self) -> None:
+        self.effective_capacity = self.capacity
+
     @property
     def ewma_latency(self) -> float:
         return self.latency.value
