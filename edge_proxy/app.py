@@ -118,7 +118,9 @@ async def _on_shutdown(app: web.Application) -> None:
 def make_app(config: EdgeConfig, client_keys: CredentialStore, worker_tokens: CredentialStore) -> web.Application:
     state = EdgeState(config, client_keys, worker_tokens)
     state.registry = Registry(config.health, config.max_queue,
-                              on_ejection=lambda w: _ejected(state, w))
+                              on_ejection=lambda w: _ejected(state, w), limit_policy=config.shed_limit,
+                              on_ejection_capped=lambda w, first: _ejection_capped(state, w, first),
+                              on_limited=_limited)
     state.registry.pools.setdefault("default", Pool("default"))
     state.limiter = RateLimiter(config.rate_limit, config.rate_burst)
     state.auth_failures = RateLimiter(config.auth_failures_per_minute / 60.0, config.auth_failures_per_minute)
@@ -134,3 +136,25 @@ def _ejected(state: EdgeState, w: Worker) -> None:
     state.metrics.ejections.labels(w.pool).inc()
     log.warning("worker %s ejected for %.0f s after consecutive failures (ejection #%d)", w.agent_id,
                 w.health.ejected_until - time.monotonic(), w.health.times_ejected)
+
+
+def _ejection_capped(state: EdgeState, w: Worker, first: bool) -> None:
+    state.metrics.ejections_capped.labels(w.pool).inc()
+    if not first:  # once per failing spell, not per streak: a failing worker kept in would flood the log
+        return
+    now = time.monotonic()
+    pool = state.registry.pools.get(w.pool)
+    members = pool.workers if pool is not None else [w]
+    if not any(m is not w and m.available(now) for m in members):
+        why = f"it is the last available worker of pool {w.pool}, which outlier detection never ejects"
+    else:
+        ejected = sum(1 for m in members if m.health.is_ejected(now))
+        why = (f"{ejected} of the {len(members)} workers of pool {w.pool} are ejected already, as many as "
+               f"--max-ejection-percent {state.config.health.max_ejection_percent:g} allows")
+    log.warning("worker %s keeps failing but is not ejected: %s", w.agent_id, why)
+
+
+def _limited(w: Worker) -> None:
+    log.info("worker %s is shedding load (503 with Retry-After or 429): busy, not failing; the edge lowers its "
+             "concurrency to %d of %d and regains it over time", w.agent_id,
+             w.limit.effective(time.monotonic(), w.capacity), w.capacity)

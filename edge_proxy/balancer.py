@@ -1,5 +1,7 @@
 """Load-balancing policy: least outstanding requests relative to capacity,
-power of two random choices, EWMA latency as tie-breaker. Pure."""
+power of two random choices, EWMA latency as tie-breaker. Pure. The capacity
+is the effective one: the advertised capacity, lowered while the worker sheds
+load (overload.AdaptiveLimit)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ class Candidate(Protocol):
     def in_flight(self) -> int: ...
 
     @property
-    def capacity(self) -> int: ...
+    def effective_capacity(self) -> int: ...
 
     @property
     def ewma_latency(self) -> float: ...
@@ -50,7 +52,7 @@ EWMA_TIE = 0.10
 
 
 def _load(c: Candidate) -> float:
-    return c.in_flight / c.capacity
+    return c.in_flight / c.effective_capacity
 
 
 def _better(a: T, b: T, rng: random.Random) -> T:
@@ -65,9 +67,9 @@ def _better(a: T, b: T, rng: random.Random) -> T:
 
 def choose(candidates: Sequence[T], rng: random.Random, choice_count: int = 2) -> T | None:
     """Pick a worker with free capacity: sample `choice_count` of them and take
-    the least loaded (in_flight / capacity); on a tie the clearly faster one
+    the least loaded (in_flight / effective capacity); on a tie the clearly faster one
     (EWMA latency), else either at random. None when every worker is full."""
-    free = [c for c in candidates if c.in_flight < c.capacity]
+    free = [c for c in candidates if c.in_flight < c.effective_capacity]
     if not free:
         return None
     picked = free if len(free) <= choice_count else rng.sample(free, choice_count)

@@ -13,6 +13,7 @@ from tunnel import PeerSettings
 from tunnel.handshake import is_valid_health_path
 
 from .health import HealthPolicy
+from .overload import LimitPolicy
 
 
 def parse_hostport(value: str) -> str:
@@ -75,7 +76,10 @@ class EdgeConfig:
     # Liveness and health
     heartbeat_interval: float = option(1.0, group=TUNNELS, help="seconds between tunnel pings")
     dead_after: float = option(3.0, group=TUNNELS, help="a tunnel silent this many seconds is dead")
-    health: HealthPolicy = field(default_factory=HealthPolicy)
+    health: HealthPolicy = field(default_factory=HealthPolicy)  # checks, ejection and its cap (max_ejection_percent)
+    # How far a worker's concurrency drops while it sheds load (503 +
+    # Retry-After, 429) and how fast it comes back (recovery_time, 0 = off).
+    shed_limit: LimitPolicy = field(default_factory=LimitPolicy)
     health_path: str = option("/healthz", group=TUNNELS, parse=parse_health_path,
                               help="path of the active checks for agents that declare none in their HELLO (older "
                                    "agents); an agent's own --health-path always wins")

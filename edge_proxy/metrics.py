@@ -37,6 +37,15 @@ class EdgeMetrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.retries = Counter("edge_retries", "Requests retried on another worker", ["pool"], registry=r)
         self.ejections = Counter("edge_ejections", "Workers ejected by outlier detection", ["pool"], registry=r)
+        self.ejections_capped = Counter("edge_ejections_capped", "Ejections due by outlier detection that "
+                                        "--max-ejection-percent (or the last available worker) prevented", ["pool"],
+                                        registry=r)
+        self.shed = Counter("edge_upstream_shed", "Upstream answers saying busy (503 + Retry-After, 429): not "
+                            "failures; handling = retried on another worker or returned to the client",
+                            ["pool", "handling"], registry=r)
+        self.effective_capacity = Gauge("edge_worker_effective_capacity", "Requests the edge lets in flight on a "
+                                        "worker now: its capacity, lowered while it sheds load", ["worker", "pool"],
+                                        registry=r)
         self.rejections = Counter("edge_rejections", "Requests refused at the edge", ["reason"], registry=r)
         self.tunnel_refusals = Counter("edge_tunnel_refusals", "Agent handshakes refused (duplicate_id: another "
                                        "live agent process holds the id; version: no common protocol version)",
@@ -72,11 +81,13 @@ class EdgeMetrics:
         """Refresh the gauges that describe current state, then serialise."""
         self.workers.clear()
         self.tunnel_rtt.clear()
+        self.effective_capacity.clear()
         states: dict[tuple[str, str], int] = {}
         outstanding: dict[str, int] = dict.fromkeys(snap.waiting, 0)
         for w in snap.workers:
             states[(w.pool, w.state)] = states.get((w.pool, w.state), 0) + 1
             outstanding[w.pool] = outstanding.get(w.pool, 0) + w.in_flight
+            self.effective_capacity.labels(w.agent_id, w.pool).set(w.effective_capacity)
             if w.rtt is not None:
                 self.tunnel_rtt.labels(w.agent_id, w.pool).set(w.rtt)
         for (pool, st), n in states.items():

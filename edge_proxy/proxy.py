@@ -1,11 +1,13 @@
 """Proxying one client request through a worker tunnel: pool choice, slot
 admission, the request head the worker sees, streaming both bodies under
-flow control, timeouts, one safe retry, and the Server-Timing entries
-`lb`, `tunnel` and `edge`."""
+flow control, timeouts, one safe retry (after a refused stream, or after the
+upstream said it is busy), and the Server-Timing entries `lb`, `tunnel` and
+`edge`."""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import re
 import time
@@ -22,6 +24,7 @@ from relay.io import StreamChannel, TunnelIO
 from tunnel import ErrorCode, RequestHead, ResponseHead, StreamError
 
 from .errors import error_response
+from .overload import is_load_signal
 from .registry import NoWorkerAvailable
 from .session import EdgeSession, HeadTooLarge
 
@@ -66,6 +69,15 @@ class BodyStalled(Exception):
 
 class RetryElsewhere(Exception):
     """The worker never processed the request: safe to try another."""
+
+
+class Outcome(enum.Enum):
+    """What one attempt says about the worker, for outlier detection and the
+    adaptive limit; None where it says nothing (the client's fault)."""
+
+    OK = "ok"
+    FAILED = "failed"  # 5xx, timeout, broken response: counts towards ejection
+    SHED = "shed"  # 503 + Retry-After or 429: busy, not broken (overload.is_load_signal)
 
 
 def resolve_pool(request: web.Request) -> tuple[str, str]:
@@ -163,6 +175,7 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
     has_body = request.body_exists
     body = RequestBody(request, cfg.max_body, cfg.replay_buffer, cfg.client_body_timeout)
     refused_by: Worker | None = None  # set after the first attempt was refused: one retry, elsewhere
+    shed: web.StreamResponse | None = None  # the first worker's "busy" answer, passed on if nobody has room
     while True:
         t_lb = time.monotonic()
         if refused_by is None:
@@ -175,6 +188,13 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
         else:
             # The retry goes to another worker with a free slot now, or nowhere.
             retry_lease = reg.try_acquire(pool_name, exclude=refused_by)
+            if shed is not None:
+                state.metrics.shed.labels(pool_name, "returned" if retry_lease is None else "retried").inc()
+                if retry_lease is None:
+                    # Nobody else has room: the upstream's own 503/429 with
+                    # its Retry-After is the truth, not a 502.
+                    return shed
+                state.metrics.retries.labels(pool_name).inc()
             if retry_lease is None:
                 return error_response(502, "worker_unavailable", f"worker {refused_by.agent_id} refused the request "
                                       "and no other worker could take it", request_id)
@@ -182,29 +202,41 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
         lb = time.monotonic() - t_lb
         state.metrics.queue_wait.labels(pool_name).observe(lb)
         session = lease.worker.live_session()
-        ok: bool | None = None
+        outcome: Outcome | None = None
         latency: float | None = None
         try:
             if not isinstance(session, EdgeSession):  # None: its last tunnel just closed
                 raise RetryElsewhere()
-            resp, ok, latency = await _exchange(state, request, request_id, session, head, has_body, body, lb,
-                                                started)
+            resp, outcome, latency = await _exchange(state, request, request_id, session, head, has_body, body, lb,
+                                                     started)
+            if outcome is Outcome.SHED:
+                # The upstream declared the request unprocessed: try once on
+                # another worker with room now, if the body can be sent again.
+                if refused_by is None and not resp.prepared and (not has_body or body.replayable):
+                    refused_by, shed = lease.worker, resp
+                    continue
+                state.metrics.shed.labels(pool_name, "returned").inc()
             return resp
         except RetryElsewhere:
             if refused_by is None and (not has_body or body.replayable):
                 refused_by = lease.worker
                 state.metrics.retries.labels(pool_name).inc()
                 continue
+            if shed is not None:
+                return shed  # the retry after a "busy" answer was refused: pass the busy answer on
             return error_response(502, "worker_unavailable", "the worker refused the request and it could "
                                   "not be retried", request_id)
         finally:
-            lease.release(ok, latency)
+            busy = outcome is Outcome.SHED
+            lease.release(None if outcome is None or busy else outcome is Outcome.OK, latency, shed=busy)
 
 
 async def _exchange(state: EdgeState, request: web.Request, request_id: str, session: EdgeSession, head: RequestHead,
                     has_body: bool, body: RequestBody, lb: float,
-                    started: float) -> tuple[web.StreamResponse, bool | None, float | None]:
-    """One attempt on one worker. Returns (response, ok for outlier detection, latency sample)."""
+                    started: float) -> tuple[web.StreamResponse, Outcome | None, float | None]:
+    """One attempt on one worker. Returns (response, outcome, latency sample).
+    A "busy" answer comes back buffered (unprepared) when it fits
+    --buffer-response, so that the caller may still retry elsewhere."""
     cfg = state.config
     worker_id = session.worker.agent_id if session.worker else "?"
     pool = session.worker.pool if session.worker else "-"
@@ -233,11 +265,11 @@ async def _exchange(state: EdgeState, request: web.Request, request_id: str, ses
                 log.info("request %s: worker %s did not take it (%s); retrying elsewhere", request_id, worker_id, exc)
                 raise RetryElsewhere() from None
             log.warning("request %s to worker %s failed: %s", request_id, worker_id, exc)
-            return error_response(502, "worker_failed", f"worker {worker_id} failed: {exc}", request_id), False, None
+            return error_response(502, "worker_failed", f"worker {worker_id} failed: {exc}", request_id), Outcome.FAILED, None
         except TimeoutError:
             io.reset(ch.stream_id, ErrorCode.CANCEL, "upstream timeout")
             return error_response(504, "upstream_timeout", f"worker {worker_id} sent no response within "
-                                  f"{cfg.upstream_timeout:g} s", request_id), False, None
+                                  f"{cfg.upstream_timeout:g} s", request_id), Outcome.FAILED, None
         except BodyStalled:
             io.reset(ch.stream_id, ErrorCode.CANCEL, "request body stalled")
             state.metrics.rejections.labels("body_stalled").inc()
@@ -249,7 +281,13 @@ async def _exchange(state: EdgeState, request: web.Request, request_id: str, ses
             return error_response(413, "body_too_large", f"request body exceeds the limit of {cfg.max_body} bytes",
                                   request_id, close=True), None, None
         tunnel = time.monotonic() - t_sent
-        ok = rhead.status < 500
+        if is_load_signal(rhead.status, rhead.headers):
+            outcome = Outcome.SHED
+        else:
+            outcome = Outcome.OK if rhead.status < 500 else Outcome.FAILED
+        # A refusal comes back fast: as a latency sample it would make a
+        # busy worker look like the fastest one.
+        sample = None if outcome is Outcome.SHED else tunnel
         worker_timing = [v for n, v in rhead.headers if n.lower() == "server-timing"]
         headers = end_to_end(rhead.headers, RESPONSE_DROP)
         if (bad := undecodable_header(headers)) is not None:
@@ -270,14 +308,16 @@ async def _exchange(state: EdgeState, request: web.Request, request_id: str, ses
                 log.warning("request %s: response from worker %s broke off: %s", request_id, worker_id,
                             exc or "timeout")
                 return error_response(502, "worker_failed", f"the response from worker {worker_id} broke off",
-                                      request_id), False, None
+                                      request_id), Outcome.FAILED, None
             io.release(ch.stream_id)
+            if outcome is Outcome.SHED and pump is not None and not pump.done():
+                await _settle_pump(io, ch, pump, body)
             extra.append(timing_entry("edge", time.monotonic() - started))
             resp = web.Response(status=rhead.status, body=data, headers=_multidict(headers))
             resp.headers["Server-Timing"] = merge_server_timing(worker_timing, *extra)
             if request.method == "HEAD" and content_length is not None:
                 resp.headers["Content-Length"] = str(content_length)
-            return resp, ok, tunnel
+            return resp, outcome, sample
         # Streamed: SSE, chunked or large bodies are flushed as they arrive.
         extra.append(timing_entry("edge", time.monotonic() - started))
         sresp = web.StreamResponse(status=rhead.status, headers=_multidict(headers))
@@ -300,10 +340,10 @@ async def _exchange(state: EdgeState, request: web.Request, request_id: str, ses
             io.reset(ch.stream_id, ErrorCode.CANCEL, "response broke off")
             if request.transport is not None:
                 request.transport.abort()
-            return sresp, False, None
+            return sresp, Outcome.FAILED, None
         io.release(ch.stream_id)
         await sresp.write_eof()
-        return sresp, ok, tunnel
+        return sresp, outcome, sample
     except asyncio.CancelledError:
         # The client went away: cancel the stream so the worker cancels the upstream request.
         io.reset(ch.stream_id, ErrorCode.CANCEL, "client disconnected")
@@ -341,6 +381,19 @@ def _upload_aborted(state: EdgeState, request_id: str, worker_id: str, pool: str
     state.metrics.upload_aborts.labels(pool).inc()
     log.info("request %s: the client aborted its upload to worker %s after %d bytes (%s)", request_id, worker_id,
              body.read, cause)
+
+
+async def _settle_pump(io: TunnelIO, ch: StreamChannel, pump: asyncio.Task[None], body: RequestBody) -> None:
+    """The upstream answered "busy" before it had the whole body: stop the
+    upload, close the stream, and wait for the upload task to end, so that a
+    replay elsewhere starts from a complete buffer and nothing is left
+    running. A body that failed to read is not replayed."""
+    pump.cancel()
+    if ch.stream_id in io.channels or io.conn.is_open(ch.stream_id):
+        io.reset(ch.stream_id, ErrorCode.CANCEL, "request abandoned: upstream busy")
+    await asyncio.wait([pump])
+    if not pump.cancelled() and pump.exception() is not None:
+        body.replayable = False
 
 
 async def _pump_body(io: TunnelIO, ch: StreamChannel, body: RequestBody) -> None:

@@ -14,7 +14,8 @@ from typing import Protocol
 
 from . import balancer
 from .balancer import Ewma
-from .health import HealthPolicy, WorkerHealth
+from .health import HealthPolicy, WorkerHealth, ejection_allowed
+from .overload import AdaptiveLimit, LimitPolicy
 
 
 class TunnelSession(Protocol):
@@ -62,8 +63,15 @@ class Worker:
     in_flight: int = 0
     served: int = 0
     errors: int = 0
+    shed: int = 0  # answers that said "busy" (503 + Retry-After, 429): neither served nor errors
+    limit: AdaptiveLimit = field(default_factory=AdaptiveLimit)  # concurrency learned from its shedding
+    # `limit` at the last admission decision, for the balancer (refreshed by the registry).
+    effective_capacity: int = 0
     latency: Ewma = field(default_factory=Ewma)
     connected_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.effective_capacity = self.capacity
 
     @property
     def ewma_latency(self) -> float:
@@ -92,11 +100,13 @@ class Lease:
     registry: Registry
     released: bool = False
 
-    def release(self, ok: bool | None = None, latency: float | None = None) -> None:
+    def release(self, ok: bool | None = None, latency: float | None = None, shed: bool = False) -> None:
+        """`ok` feeds outlier detection (None: the answer says nothing about
+        the worker's health); `shed`: the worker answered "busy"."""
         if self.released:
             return
         self.released = True
-        self.registry.release(self, ok, latency)
+        self.registry.release(self, ok, latency, shed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +117,7 @@ class WorkerSnapshot:
     rtt: float | None
     in_flight: int
     tunnels: int
+    effective_capacity: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,14 +143,24 @@ class Registry:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         on_ejection: Callable[[Worker], None] | None = None,
+        limit_policy: LimitPolicy | None = None,
+        on_ejection_capped: Callable[[Worker, bool], None] | None = None,
+        on_limited: Callable[[Worker], None] | None = None,
     ) -> None:
+        """`on_ejection_capped(worker, first)`: the cap kept a failing worker
+        in (`first` for the first time since it last succeeded or was ejected);
+        `on_limited(worker)`: shedding lowered a worker that was at its full
+        capacity."""
         self.policy = policy or HealthPolicy()
+        self.limit_policy = limit_policy or LimitPolicy()
         self.max_queue = max_queue
         self.clock = clock
         self.rng = rng or random.Random()
         self.pools: dict[str, Pool] = {}
         self.workers: dict[str, Worker] = {}
         self.on_ejection = on_ejection
+        self.on_ejection_capped = on_ejection_capped
+        self.on_limited = on_limited
 
     # ----------------------------------------------------------- membership
     def clash(self, agent_id: str, instance: str, token_name: str) -> str | None:
@@ -171,7 +192,7 @@ class Registry:
             w = None
         if w is None:
             w = Worker(agent_id, pool, capacity, WorkerHealth(self.policy), token_name, software, dict(labels or {}),
-                       instance)
+                       instance, limit=AdaptiveLimit(self.limit_policy))
             self.workers[agent_id] = w
             self.pools.setdefault(pool, Pool(pool)).workers.append(w)
         w.capacity = capacity
@@ -202,7 +223,7 @@ class Registry:
         now = self.clock()
         workers = tuple(
             WorkerSnapshot(w.agent_id, w.pool, w.health.state(now) if w.live_session() else "disconnected", w.rtt(),
-                           w.in_flight, len(w.sessions))
+                           w.in_flight, len(w.sessions), w.limit.effective(now, w.capacity))
             for p in self.pools.values() for w in p.workers)
         return RegistrySnapshot(workers, {name: len(p.waiters) for name, p in self.pools.items()})
 
@@ -216,7 +237,10 @@ class Registry:
         if pool is None:
             return None
         now = self.clock()
-        w = balancer.choose([w for w in pool.workers if w is not exclude and w.available(now)], self.rng)
+        candidates = [w for w in pool.workers if w is not exclude and w.available(now)]
+        for c in candidates:
+            c.effective_capacity = c.limit.effective(now, c.capacity)
+        w = balancer.choose(candidates, self.rng)
         if w is None:
             return None
         w.in_flight += 1
@@ -260,19 +284,41 @@ class Registry:
             raise
         return fut.result()
 
-    def release(self, lease: Lease, ok: bool | None, latency: float | None) -> None:
+    def release(self, lease: Lease, ok: bool | None, latency: float | None, shed: bool = False) -> None:
         w = lease.worker
+        in_flight = w.in_flight
         w.in_flight -= 1
         now = self.clock()
         if latency is not None:
             w.latency.add(now, latency)
-        if ok is not None:
+        if shed:
+            # Busy, not broken: no ejection, and no reset of a failure streak
+            # either (a worker failing between refusals is still failing).
+            w.shed += 1
+            was_full = not w.limit.limited(now, w.capacity)
+            if w.limit.record_shed(now, w.capacity, in_flight) and was_full and self.on_limited is not None:
+                self.on_limited(w)
+        elif ok is not None:
             w.served += 1
             if not ok:
                 w.errors += 1
-            if w.health.record_response(now, ok) and self.on_ejection is not None:
-                self.on_ejection(w)
+            health = w.health
+            was_capped, capped_before = health.capped, health.ejections_capped
+            may_eject = ok or self.may_eject(w, now)
+            if health.record_response(now, ok, may_eject):
+                if self.on_ejection is not None:
+                    self.on_ejection(w)
+            elif health.ejections_capped != capped_before and self.on_ejection_capped is not None:
+                self.on_ejection_capped(w, not was_capped)
         self.wake(w.pool)
+
+    def may_eject(self, w: Worker, now: float) -> bool:
+        """The pool's ejection cap (health.ejection_allowed) for `w` now."""
+        pool = self.pools.get(w.pool)
+        members = pool.workers if pool is not None else [w]
+        ejected = sum(1 for m in members if m.health.is_ejected(now))
+        others = sum(1 for m in members if m is not w and m.available(now))
+        return ejection_allowed(len(members), ejected, others, self.policy.max_ejection_percent)
 
     def wake(self, pool_name: str) -> None:
         """Hand free slots to waiters, first come first served."""

@@ -29,6 +29,8 @@ from tunnel import (
 )
 from tunnel.handshake import choose_version
 
+from .health import check_delay
+
 if TYPE_CHECKING:
     from .registry import Worker
     from .state import EdgeState
@@ -247,7 +249,8 @@ class EdgeSession:
                     log.info("worker %s active check: %s %s", w.agent_id,
                              "healthy" if w.health.checks_healthy else "UNHEALTHY", error)
                     self.state.registry.wake(w.pool)
-            await asyncio.sleep(policy.check_interval)
+            # Jittered, so tunnels that connected together do not probe in lockstep.
+            await asyncio.sleep(check_delay(policy.check_interval, self.state.registry.rng))
 
     async def check_once(self, path: str, timeout: float) -> tuple[bool, str]:
         try:

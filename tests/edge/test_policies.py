@@ -25,6 +25,10 @@ class W:
     capacity: int = 1
     ewma_latency: float = 0.0
 
+    @property
+    def effective_capacity(self) -> int:
+        return self.capacity
+
 
 def test_choose_prefers_lower_load_relative_to_capacity():
     rng = random.Random(1)

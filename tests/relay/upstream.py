@@ -1,6 +1,7 @@
 """A small upstream for relay tests: echo, sizes, delays, hangs, SSE, a
-concurrency meter and a switchable health path
-(/healthz, or UPSTREAM_HEALTH_PATH). Run: python upstream.py PORT [HOST]."""
+concurrency meter, a switchable health path (/healthz, or UPSTREAM_HEALTH_PATH),
+WebSockets at /ws, and load shedding like the inference server's (503 +
+Retry-After beyond N in flight). Run: python upstream.py PORT [HOST]."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import sys
 from aiohttp import WSMsgType, web
 
 ws_state: dict = {"open": 0, "closes": [], "big_sent": 0}
-state = {"in_flight": 0, "max_in_flight": 0, "served": 0, "healthy": True, "fail": False, "delay_ms": 0.0}
+state = {"in_flight": 0, "max_in_flight": 0, "served": 0, "healthy": True, "fail": False, "delay_ms": 0.0,
+         "shed_beyond": 0, "active": 0, "shed": 0}
 # Where health is answered; a KServe/Triton-style server says /v2/health/ready (and 404 at /healthz).
 HEALTH_PATH = os.environ.get("UPSTREAM_HEALTH_PATH") or "/healthz"
 CONTROL = (HEALTH_PATH, "/stats", "/set-", "/sse-release", "/ws-stats")
@@ -22,13 +24,22 @@ CONTROL = (HEALTH_PATH, "/stats", "/set-", "/sse-release", "/ws-stats")
 
 @web.middleware
 async def misbehave(request: web.Request, handler):  # type: ignore[no-untyped-def]
-    """Modes set with /set-fail/on and /set-delay/MS, for fault tests."""
-    if not request.path.startswith(CONTROL):
+    """Modes set with /set-fail/on, /set-delay/MS and /set-shed/N, for fault tests."""
+    if request.path.startswith(CONTROL):
+        return await handler(request)
+    if state["shed_beyond"] and state["active"] >= state["shed_beyond"]:
+        # As inference/server.py does when its queue is full: busy, not broken.
+        state["shed"] += 1
+        return web.json_response({"error": "server busy; retry shortly"}, status=503, headers={"Retry-After": "1"})
+    state["active"] += 1
+    try:
         if state["delay_ms"]:
             await asyncio.sleep(float(state["delay_ms"]) / 1000)
         if state["fail"]:
             return web.Response(status=500, text="failing on purpose")
-    return await handler(request)
+        return await handler(request)
+    finally:
+        state["active"] -= 1
 sse_release = asyncio.Event()
 
 
@@ -112,6 +123,11 @@ async def set_health(request: web.Request) -> web.Response:
 
 async def set_fail(request: web.Request) -> web.Response:
     state["fail"] = request.match_info["value"] == "on"
+    return web.Response(text="set")
+
+
+async def set_shed(request: web.Request) -> web.Response:
+    state["shed_beyond"] = int(request.match_info["n"])  # 0 = never shed
     return web.Response(text="set")
 
 
@@ -202,6 +218,7 @@ def make_app() -> web.Application:
     app.router.add_get("/ws", ws_echo)
     app.router.add_get("/ws-stats", ws_close_reason)
     app.router.add_get("/ws-refuse", ws_refuse)
+    app.router.add_get("/set-shed/{n}", set_shed)
     return app
 
 
