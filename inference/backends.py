@@ -20,11 +20,21 @@ from typing import Any
 
 import numpy as np
 
+from .threads import ThreadPlan, onnxruntime_options
+
 Predict = Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]]
 
 _PACKAGES = {"tensorflow": ("tensorflow", "pip install 'edge-inference-relay[tensorflow]' (tensorflow-cpu)"),
              "onnxruntime": ("onnxruntime", "pip install 'edge-inference-relay[onnxruntime]'"),
              "opencv-dnn": ("cv2", "pip install opencv-python-headless")}
+
+
+def installed(backend: str) -> bool:
+    return importlib.util.find_spec(_PACKAGES[backend][0]) is not None
+
+
+def install_hint(backend: str) -> str:
+    return _PACKAGES[backend][1]
 
 
 def check_available(backend: str) -> None:
@@ -50,12 +60,15 @@ def tensorflow_predict(model: Any) -> Predict:
     return predict
 
 
-def onnx_predict(backend: str, path: Path) -> Predict:
-    """ONNX graph with input "input" NCHW; the batch arrives NHWC."""
+def onnx_predict(backend: str, path: Path, threads: ThreadPlan | None = None) -> Predict:
+    """ONNX graph with input "input" NCHW; the batch arrives NHWC. With a
+    thread plan, onnxruntime gets its intra/inter-op threads and spinning
+    (OpenCV's count is process-wide: `ModelPlan.load` sets it)."""
     if backend == "onnxruntime":
         import onnxruntime as ort
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        session = ort.InferenceSession(str(path), providers=providers)
+        options = onnxruntime_options(threads) if threads is not None else None
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
         def predict_ort(batch: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
             return np.asarray(session.run(None, {"input": np.ascontiguousarray(batch.transpose(0, 3, 1, 2))})[0])

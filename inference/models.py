@@ -32,6 +32,7 @@ import numpy as np
 
 from . import backends
 from .labels import imagenet_labels
+from .threads import ThreadPlan, apply_opencv, apply_tensorflow
 
 log = logging.getLogger("inference")
 
@@ -42,6 +43,31 @@ SUPPORTED = {
     "inception-v3": ("tensorflow",),
     "googlenet": ("opencv-dnn", "onnxruntime"),
 }
+
+# The default backend is the fastest one installed, in this order, measured on
+# EfficientNet-Lite0 here (docs/inference.md, "Choosing the backend"):
+# onnxruntime ~6-8 ms/image, opencv-dnn ~7-12, tensorflow ~16-20.
+PREFERENCE = ("onnxruntime", "opencv-dnn", "tensorflow")
+AUTO = "auto"
+
+
+def choose_backend(model: str, requested: str, installed: Callable[[str], bool]) -> tuple[str, str]:
+    """(backend, why) for the start-up log. `requested` is a backend name or
+    "auto": then the fastest installed backend the model runs on."""
+    if requested != AUTO:
+        return requested, "forced by --backend"
+    candidates = [b for b in PREFERENCE if b in SUPPORTED.get(model, BACKENDS)]
+    missing: list[str] = []
+    for b in candidates:
+        if installed(b):
+            skipped = f"; {', '.join(missing)} not installed" if missing else ""
+            return b, f"default: fastest installed{skipped}; --backend to force"
+        missing.append(b)
+    if not candidates:
+        raise ModelUnavailable(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    raise ModelUnavailable(f"none of the backends {model} runs on is installed ({', '.join(candidates)}); "
+                           f"for the fastest: {backends.install_hint(candidates[0])}")
+
 
 INCEPTION_V3_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels.h5"
 INCEPTION_V3_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"
@@ -89,11 +115,18 @@ class ModelPlan:
     preprocess: Preprocess
     source: Path
     notes: list[str] = field(default_factory=list)
-    _load: Callable[[], Classifier] | None = None
+    _load: Callable[[ThreadPlan | None], Classifier] | None = None
 
-    def load(self) -> Classifier:
+    def load(self, threads: ThreadPlan | None = None) -> Classifier:
+        """Load the model; with a thread plan, the engine gets its threads
+        (engine-wide settings first: TensorFlow's must precede its first op)."""
         assert self._load is not None
-        return self._load()
+        if threads is not None:
+            if self.backend == "tensorflow":
+                apply_tensorflow(threads)
+            elif self.backend == "opencv-dnn":
+                apply_opencv(threads)
+        return self._load(threads)
 
 
 def default_cache_dir() -> Path:
@@ -270,11 +303,11 @@ def resolve(model: str, backend: str, *, weights: str | None = None, model_dir: 
         pre = Preprocess(size=224, resize=256, mean=127.5, scale=1 / 127.5)
         labels = imagenet_labels()
 
-        def load_effnet() -> Classifier:
+        def load_effnet(threads: ThreadPlan | None) -> Classifier:
             if backend == "tensorflow":
                 predict = backends.tensorflow_predict(efficientnet_keras(source, cache))
             else:
-                predict = backends.onnx_predict(backend, efficientnet_onnx(source, cache))
+                predict = backends.onnx_predict(backend, efficientnet_onnx(source, cache), threads)
             return Classifier(model, backend, pre, labels, predict)
         return ModelPlan(model, backend, pre, source, _load=load_effnet)
 
@@ -296,7 +329,7 @@ def resolve(model: str, backend: str, *, weights: str | None = None, model_dir: 
 
         h5: Path = found
 
-        def load_inception() -> Classifier:
+        def load_inception(threads: ThreadPlan | None) -> Classifier:
             import keras
             net = keras.applications.InceptionV3(weights=str(h5))
             return Classifier(model, backend, pre, imagenet_labels(), backends.tensorflow_predict(net))
@@ -327,7 +360,8 @@ def resolve(model: str, backend: str, *, weights: str | None = None, model_dir: 
     if not onnx_file.is_file():
         googlenet_converter_check()
 
-    def load_googlenet() -> Classifier:
+    def load_googlenet(threads: ThreadPlan | None) -> Classifier:
         names = tuple(line.strip() for line in label_file.read_text().splitlines())
-        return Classifier(model, backend, pre, names, backends.onnx_predict(backend, googlenet_onnx(graph, cache)))
+        return Classifier(model, backend, pre, names,
+                          backends.onnx_predict(backend, googlenet_onnx(graph, cache), threads))
     return ModelPlan(model, backend, pre, graph, _load=load_googlenet)
