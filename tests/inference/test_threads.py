@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from inference.models import ModelUnavailable, choose_backend
 from inference.threads import ThreadPlan, ThreadSettings, onnxruntime_options, thread_plan
-from tests.harness import PY, Proc, free_port
+from tests.harness import PY, ROOT, Proc, free_port
 
 from .conftest import Server, start_server
 
@@ -119,3 +120,28 @@ def test_forced_backend_and_thread_settings_are_logged(tmp_path: Path, model_cac
         assert m, log
     finally:
         server.proc.stop()
+
+
+ENGINE_THREADS = """
+import sys
+from inference.models import resolve
+from inference.threads import ThreadPlan
+backend, cache = sys.argv[1], sys.argv[2]
+clf = resolve("efficientnet-lite0", backend, cache_dir=cache).load(ThreadPlan(4, 1, 3, 2, False, "test"))
+if backend == "tensorflow":
+    import tensorflow as tf
+    print(tf.config.threading.get_intra_op_parallelism_threads(), tf.config.threading.get_inter_op_parallelism_threads())
+else:
+    import cv2
+    print(cv2.getNumThreads())
+"""
+
+
+@pytest.mark.parametrize("backend,expected", [("tensorflow", "3 2"), ("opencv-dnn", "3")])
+def test_the_plan_reaches_tensorflow_and_opencv(backend: str, expected: str, model_cache: Path) -> None:
+    # A fresh process: TensorFlow takes its thread counts only before its first op.
+    r = subprocess.run([PY, "-c", ENGINE_THREADS, backend, str(model_cache)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == expected, r.stdout
+    assert "already running" not in r.stderr
