@@ -51,11 +51,14 @@ class FrameScheduler(Generic[T]):
     - `finished(seq, answer)` / `failed(seq, reason)`: the frame in flight is done.
     - `pop_answer()`: the next answer to send, in seq order, or None.
 
-    `max_waiting` bounds the frames held for classification (memory per
-    connection): with `latest` at most one frame ever waits; with `none` the
-    shell must stop reading while `can_accept()` is false. `max_unsent`
-    bounds the answers produced but not yet taken by the writer: past it,
-    `overloaded()` says the client is not reading and must be disconnected.
+    Bounds (memory per connection), both enforced by the shell:
+    - `max_waiting`: frames held for classification. With `latest` at most
+      one frame ever waits; with `none` the shell stops reading while
+      `can_accept()` is false.
+    - `max_unsent`: answers held back behind the frame in flight (the shell
+      also stops reading at that many), and answers released but not taken
+      by the writer: past it, `overloaded()` says the client is not reading
+      and must be disconnected.
     """
 
     def __init__(self, drop: DropPolicy, max_waiting: int = 64, max_unsent: int = 64) -> None:
@@ -92,7 +95,9 @@ class FrameScheduler(Generic[T]):
         return seq
 
     def can_accept(self) -> bool:
-        """False while the shell must not read another message (`none` only)."""
+        """False while the shell must not read another message."""
+        if self.held >= self.max_unsent:
+            return False
         return self.drop is DropPolicy.LATEST or len(self._waiting) < self.max_waiting
 
     # ------------------------------------------------------------- work
@@ -123,8 +128,9 @@ class FrameScheduler(Generic[T]):
         return answer
 
     def overloaded(self) -> bool:
-        """More answers wait for the client than `max_unsent`: it is not reading."""
-        return len(self._ready) > self.max_unsent
+        """More answers are free to go than `max_unsent` and the writer has not
+        taken them: the client is not reading."""
+        return self.releasable > self.max_unsent
 
     @property
     def waiting(self) -> int:
@@ -136,7 +142,21 @@ class FrameScheduler(Generic[T]):
 
     @property
     def unsent(self) -> int:
+        """Answers produced and not yet taken by the writer."""
         return len(self._ready)
+
+    @property
+    def releasable(self) -> int:
+        """Answers `pop_answer()` would return now, one after the other."""
+        n = 0
+        while self._next_to_send + n in self._ready:
+            n += 1
+        return n
+
+    @property
+    def held(self) -> int:
+        """Answers ready but waiting behind the frame in flight."""
+        return len(self._ready) - self.releasable
 
     @property
     def received(self) -> int:

@@ -114,14 +114,23 @@ def test_overloaded_when_answers_pile_up_unsent() -> None:
     assert not s.overloaded()
 
 
-def test_answers_held_behind_the_frame_in_flight_count_as_unsent() -> None:
-    s: FrameScheduler[str] = FrameScheduler(LATEST, max_unsent=2)
+def test_answers_held_behind_the_frame_in_flight_pause_reading_not_overload() -> None:
+    s: FrameScheduler[str] = FrameScheduler(LATEST, max_unsent=3)
     s.frame("a")
     s.next_frame()
-    for _ in range(3):
+    for _ in range(2):
         s.reject("text")
+        assert s.can_accept()
+    s.reject("text")
     assert s.pop_answer() is None  # 0 is still in flight
-    assert s.unsent == 3 and s.overloaded()
+    assert s.held == 3 and s.unsent == 3
+    assert not s.can_accept()  # the shell stops reading until frame 0 is done
+    assert not s.overloaded()  # waiting for the model is not the client's fault
+    s.finished(0, {"label": "x"})
+    assert s.releasable == 4 and s.held == 0 and s.can_accept()
+    assert s.overloaded()  # 4 free to go and none taken
+    s.pop_answer()
+    assert not s.overloaded()
 
 
 def test_failed_frame_is_answered_with_its_error() -> None:
