@@ -12,7 +12,6 @@ import json
 import logging
 import socket
 import time
-from typing import Any
 
 from aiohttp import WSMsgType, web
 
