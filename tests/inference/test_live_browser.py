@@ -9,6 +9,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from .conftest import Server, start_server
@@ -20,6 +21,7 @@ ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--use-fake-device-for-me
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason=f"{CHROMIUM} missing: install the Debian package `chromium`")
+pytest.importorskip("playwright", reason="needs the Python package playwright (test extra)")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +76,8 @@ async def test_live_page_streams_the_camera_and_shows_label_latency_and_jitter(s
 async def test_live_page_talks_to_the_stream_next_to_its_own_url(server: Server) -> None:
     """Through the edge the page is /pools/x/live and must use /pools/x/stream."""
     from playwright.async_api import Route, async_playwright
-    html = (Path(__file__).resolve().parents[2] / "inference" / "live.html").read_text()
+    async with aiohttp.ClientSession() as s, s.get(server.url + "/live") as r:
+        html = await r.text()
 
     async def serve(route: Route) -> None:
         await route.fulfill(status=200, content_type="text/html", body=html)
