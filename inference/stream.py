@@ -13,7 +13,7 @@ import logging
 import socket
 import time
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from .batcher import QueueFull
 from .frames import DropPolicy, FrameScheduler, Outcome
@@ -106,7 +106,8 @@ class StreamSession:
                                   "image (JPEG, PNG or WebP)")
             elif msg.type == WSMsgType.ERROR:
                 self.detail = str(msg.data)
-                return "too_big" if self.ws.close_code == 1009 else "client"
+                too_big = getattr(msg.data, "code", None) == WSCloseCode.MESSAGE_TOO_BIG
+                return "too_big" if too_big else "client"
             else:  # CLOSE, CLOSING, CLOSED
                 return "client"
             self._count()

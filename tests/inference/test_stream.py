@@ -128,6 +128,22 @@ async def test_bad_frames_get_an_error_and_the_stream_goes_on(server: Server, ph
     assert got[4]["label"] in CAT_CLASSES
 
 
+async def test_a_message_beyond_every_limit_closes_the_stream_with_1009(server: Server) -> None:
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(server), compress=0) as ws:
+        try:  # the server reads the length in the header and closes before the rest arrives
+            await ws.send_bytes(b"\0" * (21 * 1024 * 1024))  # > --max-body-mb 20 and --max-frame-mb
+        except ConnectionError:
+            pass
+        msg = await ws.receive(timeout=30)
+        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR), msg
+        if msg.type == aiohttp.WSMsgType.CLOSE:
+            assert msg.data == 1009, msg
+
+    async def counted() -> bool:
+        return await metric(server, 'inference_streams_closed_total{reason="too_big"}') >= 1
+    await wait_for(counted, 10, "the closed stream counted as too_big")
+
+
 async def test_streams_and_photo_share_the_batcher(server: Server, photos: dict[str, bytes]) -> None:
     async def one_stream() -> list[dict[str, Any]]:
         async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(server, "?drop=none"), compress=0) as ws:
