@@ -38,9 +38,11 @@ class StreamSession:
     returns why the stream ended: `client` (closed or went away),
     `slow_reader` (answers backed up), `too_big`, `shutdown`, `error`."""
 
-    def __init__(self, st: State, ws: web.WebSocketResponse, drop: DropPolicy) -> None:
+    def __init__(self, st: State, ws: web.WebSocketResponse, drop: DropPolicy,
+                 transport: asyncio.Transport | None) -> None:
         self.st = st
         self.ws = ws
+        self.transport = transport
         cfg = st.config
         self.sched: FrameScheduler[tuple[bytes, float]] = FrameScheduler(
             drop, max_waiting=cfg.stream_max_backlog, max_unsent=cfg.stream_max_backlog)
@@ -80,11 +82,15 @@ class StreamSession:
                 m.labels(outcome).inc(new - old)
         self._counted = now
 
+    def _backed_up(self) -> bool:
+        """The socket holds answers it could not send: the client is behind."""
+        return self.transport is None or self.transport.get_write_buffer_size() > 0
+
     async def _read(self) -> str:
         cfg = self.st.config
         while True:
             await asyncio.sleep(0)  # the writer takes what is ready before we judge the client
-            if self.sched.overloaded():
+            if self.sched.overloaded() and self._backed_up():
                 self.detail = f"client not reading: {self.sched.releasable} answers unsent"
                 return "slow_reader"
             if not self.sched.can_accept():
@@ -159,7 +165,10 @@ class StreamSession:
                 await self._out.wait()
                 continue
             try:
-                await asyncio.wait_for(self.ws.send_str(json.dumps(answer, separators=(",", ":"))), timeout)
+                # A context timeout, not wait_for: no task per send, so a send the
+                # socket takes at once completes in this step and the writer keeps up.
+                async with asyncio.timeout(timeout):
+                    await self.ws.send_str(json.dumps(answer, separators=(",", ":")))
             except TimeoutError:
                 self.detail = f"client took no answer for {timeout:g} s"
                 return "slow_reader"
@@ -218,7 +227,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     _tune_socket(transport)
     peer = request.remote or "unknown"
-    session = StreamSession(st, ws, drop)
+    session = StreamSession(st, ws, drop, transport)
     st.streams.add(ws)
     m.streams_open.inc()
     t0 = time.monotonic()
