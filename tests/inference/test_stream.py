@@ -198,6 +198,29 @@ async def test_client_that_stops_reading_is_disconnected(server: Server) -> None
         assert "label" in (await answers(ws2, 1))[0]
 
 
+async def test_client_that_stops_reading_and_sending_is_cut_after_the_send_timeout(
+        tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> None:
+    """With a backlog too large to fill, the send timeout is what ends it."""
+    srv = start_server("onnxruntime", tmp_path_factory.mktemp("stall-logs"), model_cache,
+                       "--stream-max-backlog", "100000", "--stream-send-timeout", "2")
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", int(srv.url.rsplit(":", 1)[1])))
+        frame = tiny_jpeg()
+        async with websockets.asyncio.client.connect(ws_url(srv, "?drop=none"), sock=sock, max_queue=1,
+                                                     compression=None) as ws:
+            for _ in range(400):  # ~200 KB of answers: more than every buffer on the way holds
+                await ws.send(frame)
+            t0 = time.monotonic()
+            async with asyncio.timeout(60):
+                await ws.wait_closed()  # never reading: only the server can end this
+        assert time.monotonic() - t0 < 60
+        assert "disconnected: client took no answer for 2 s" in srv.proc.log()
+    finally:
+        srv.proc.stop()
+
+
 async def test_model_and_drop_are_checked_before_the_upgrade(server: Server, photos: dict[str, bytes]) -> None:
     async with aiohttp.ClientSession() as s:
         async with s.ws_connect(ws_url(server, "?model=efficientnet-lite0"), compress=0) as ws:
