@@ -84,6 +84,7 @@ class State:
         self.decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
         self.hostname = socket.gethostname()
         self.streams: set[web.WebSocketResponse] = set()
+        self.shutting_down = False
 
     async def load(self) -> None:
         """Load and warm up on the inference thread; /healthz turns ready

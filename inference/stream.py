@@ -234,6 +234,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
     reason = "error"
     try:
         reason = await session.run()
+        if reason == "client" and st.shutting_down:
+            reason = "shutdown"
     finally:
         st.streams.discard(ws)
         m.streams_open.dec()
@@ -255,5 +257,6 @@ async def stream(request: web.Request) -> web.StreamResponse:
 async def close_streams(app: web.Application) -> None:
     """Server shutdown: close every open stream with 1001 (going away)."""
     st = app[STATE]
+    st.shutting_down = True
     await asyncio.gather(*(ws.close(code=1001, message=b"server shutting down") for ws in list(st.streams)),
                          return_exceptions=True)

@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import re
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -217,6 +218,22 @@ async def test_client_that_stops_reading_and_sending_is_cut_after_the_send_timeo
                 await ws.wait_closed()  # never reading: only the server can end this
         assert time.monotonic() - t0 < 60
         assert "disconnected: client took no answer for 2 s" in srv.proc.log()
+    finally:
+        srv.proc.stop()
+
+
+async def test_sigterm_closes_open_streams_with_1001(tmp_path_factory: pytest.TempPathFactory,
+                                                     model_cache: Path, photos: dict[str, bytes]) -> None:
+    srv = start_server("onnxruntime", tmp_path_factory.mktemp("term-logs"), model_cache)
+    try:
+        async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(srv), compress=0) as ws:
+            await ws.send_bytes(photos["chelsea"])
+            assert "label" in (await answers(ws, 1))[0]
+            srv.proc.signal(signal.SIGTERM)
+            msg = await ws.receive(timeout=15)
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1001, msg
+        assert srv.proc.p.wait(timeout=15) == 0
+        assert "(shutdown): 1 messages, 1 answered" in srv.proc.log()
     finally:
         srv.proc.stop()
 
