@@ -195,7 +195,8 @@ async def _close(ws: web.WebSocketResponse, transport: asyncio.Transport | None,
         transport.abort()
         return
     try:
-        await asyncio.wait_for(ws.close(code=code, message=reason[:120].encode()), CLOSE_GRACE_S)
+        async with asyncio.timeout(CLOSE_GRACE_S):
+            await ws.close(code=code, message=reason[:120].encode())
     except (TimeoutError, ConnectionError, RuntimeError):
         if transport is not None:
             transport.abort()
