@@ -48,7 +48,7 @@ class StreamSession:
             drop, max_waiting=cfg.stream_max_backlog, max_unsent=cfg.stream_max_backlog)
         self._work = asyncio.Event()  # a frame waits, or the model is free
         self._out = asyncio.Event()  # an answer is ready
-        self._room = asyncio.Event()  # drop=none: a waiting frame left
+        self._room = asyncio.Event()  # reading may resume (a frame started or finished)
         self._counted = Outcome()
         self.detail = ""
 
