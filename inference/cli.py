@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="inference-server", description="ImageNet classification over HTTP or locally.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", formatter_class=fmt, help="run the HTTP server (GET /, POST /photo, /healthz, /metrics)",
+    s = sub.add_parser("serve", formatter_class=fmt,
+                       help="run the HTTP server (GET /, POST /photo, /stream, /live, /healthz, /metrics)",
                        description="Serve POST /photo (raw image body -> JSON class) with dynamic batching.")
     s.add_argument("--host", default=e("INFER_HOST", "127.0.0.1"),
                    help="address to listen on; 0.0.0.0 to accept other machines (INFER_HOST)")
@@ -81,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest upload in MiB; beyond, 413 (INFER_MAX_BODY_MB)")
     s.add_argument("--max-pixels", type=int, default=int(e("INFER_MAX_PIXELS", "40000000")),
                    help="largest decoded image in pixels (decompression-bomb guard); beyond, 413 (INFER_MAX_PIXELS)")
+    s.add_argument("--max-frame-mb", type=float, default=float(e("INFER_MAX_FRAME_MB", "8")),
+                   help="largest GET /stream frame in MiB; a larger one is answered with an error and the stream "
+                        "goes on (one larger than both this and --max-body-mb closes the stream with 1009) "
+                        "(INFER_MAX_FRAME_MB)")
+    s.add_argument("--stream-max-backlog", type=int, default=int(e("INFER_STREAM_MAX_BACKLOG", "64")),
+                   help="per GET /stream: frames waiting for the model with ?drop=none (then the server stops "
+                        "reading) and answers waiting for the client (beyond, the client is not reading: closed "
+                        "with 1008) (INFER_STREAM_MAX_BACKLOG)")
+    s.add_argument("--stream-send-timeout", type=float, default=float(e("INFER_STREAM_SEND_TIMEOUT", "10")),
+                   help="seconds one GET /stream answer may wait for the client to take it; beyond, the stream "
+                        "is closed with 1008 (INFER_STREAM_SEND_TIMEOUT)")
     s.add_argument("--warmup-runs", type=int, default=int(e("INFER_WARMUP_RUNS", "2")),
                    help="forward passes per batch size before /healthz turns ready (INFER_WARMUP_RUNS)")
     _model_options(s)
@@ -126,11 +138,15 @@ async def _serve(a: argparse.Namespace) -> int:
     from .server import STATE, ServerConfig, make_app
     if a.max_batch < 1 or a.max_queue < 1 or a.batch_timeout_ms < 0:
         raise SystemExit("error: --max-batch and --max-queue must be at least 1, --batch-timeout-ms not negative")
+    if a.stream_max_backlog < 1 or a.stream_send_timeout <= 0 or a.max_frame_mb <= 0:
+        raise SystemExit("error: --stream-max-backlog must be at least 1, --stream-send-timeout and --max-frame-mb "
+                         "above 0")
     settings, _ = _thread_plan(a)
     plan = _plan(a)
     config = ServerConfig(max_batch=a.max_batch, batch_timeout_ms=a.batch_timeout_ms, max_queue=a.max_queue,
                           max_body_bytes=int(a.max_body_mb * 1024 * 1024), max_pixels=a.max_pixels,
-                          warmup_runs=a.warmup_runs, threads=settings)
+                          warmup_runs=a.warmup_runs, threads=settings, max_frame_bytes=int(a.max_frame_mb * 1024 * 1024),
+                          stream_max_backlog=a.stream_max_backlog, stream_send_timeout=a.stream_send_timeout)
     app = make_app(plan, config)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
     await runner.setup()

@@ -1,11 +1,13 @@
 """The inference HTTP service (aiohttp): `GET /`, `POST /photo`, `GET /healthz`,
-`GET /metrics`. Decoding runs on a thread pool, forward passes on one
+`GET /metrics`, `GET /stream` (WebSocket, frame by frame; `stream.py`) and the
+browser page `GET /live`. Decoding runs on a thread pool, forward passes on one
 inference thread through the dynamic batcher; the event loop only moves
 bytes. Every answer carries Server-Timing and echoes X-Request-ID."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import logging
 import re
 import socket
@@ -39,6 +41,14 @@ class ServerConfig:
     # Decode and inference threads, onnxruntime spinning: 0/"auto" derive
     # them from the usable cores (threads.thread_plan; docs/inference.md).
     threads: ThreadSettings = field(default_factory=ThreadSettings)
+    # GET /stream: a frame larger than max_frame_bytes is answered with an error
+    # and the stream goes on; a message larger than both limits closes it (1009).
+    max_frame_bytes: int = 8 * 1024 * 1024
+    # Per stream: frames waiting for the model (drop=none; then reading pauses)
+    # and answers waiting for the client (past it: a client not reading, closed).
+    stream_max_backlog: int = 64
+    # Per stream: longest one answer may wait for the client's socket to take it.
+    stream_send_timeout: float = 10.0
 
 
 class Metrics:
@@ -55,6 +65,13 @@ class Metrics:
                                buckets=(.002, .005, .01, .02, .04, .08, .16, .32, .64, 1.28), registry=r)
         self.depth = Gauge("inference_queue_depth", "requests waiting in the batcher", registry=r)
         self.ready = Gauge("inference_ready", "1 once the model is loaded and warmed up", registry=r)
+        self.streams_open = Gauge("inference_streams_open", "GET /stream WebSockets open", registry=r)
+        self.stream_frames = Counter("inference_stream_frames", "GET /stream messages by how they were answered",
+                                     ["outcome"], registry=r)
+        self.streams_closed = Counter("inference_streams_closed", "GET /stream WebSockets closed, by reason",
+                                      ["reason"], registry=r)
+        for outcome in ("answered", "dropped", "error"):
+            self.stream_frames.labels(outcome)
 
 
 class State:
@@ -70,6 +87,8 @@ class State:
         self.infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
         self.decode_pool = ThreadPoolExecutor(self.threads.decode, thread_name_prefix="decode")
         self.hostname = socket.gethostname()
+        self.streams: set[web.WebSocketResponse] = set()
+        self.shutting_down = False
 
     async def load(self) -> None:
         """Load and warm up on the inference thread; /healthz turns ready
@@ -177,6 +196,19 @@ async def _read_image(request: web.Request, limit: int) -> bytes:
     return bytes(data)
 
 
+def classification(clf: Classifier, probs: np.ndarray[Any, Any]) -> dict[str, Any]:
+    """label, class_id, confidence and top5 of one image's probabilities."""
+    top = np.argsort(-probs)[:5]
+    class_id = int(top[0])
+    return {
+        "label": clf.label(class_id),
+        "class_id": class_id,
+        "confidence": round(float(probs[class_id]), 6),
+        "top5": [{"label": clf.label(int(i)), "class_id": int(i), "probability": round(float(probs[i]), 6)}
+                 for i in top],
+    }
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.3f}".rstrip("0").rstrip(".") or "0"
 
@@ -202,19 +234,11 @@ async def photo(request: web.Request) -> web.Response:
         m.requests.labels("503").inc()
         return error(503, f"server busy: {exc}; retry shortly", {"Retry-After": "1"})
     t_post = time.perf_counter()
-    probs = res.probs
-    top = np.argsort(-probs)[:5]
-    class_id = int(top[0])
-    confidence = float(probs[class_id])
-    label = clf.label(class_id)
+    top1 = classification(clf, res.probs)
     body = {
-        "inference": f"Predicted = {label}, Confidence = {confidence:.3f}",
+        "inference": f"Predicted = {top1['label']}, Confidence = {top1['confidence']:.3f}",
         "message": "success",
-        "label": label,
-        "class_id": class_id,
-        "confidence": round(confidence, 6),
-        "top5": [{"label": clf.label(int(i)), "class_id": int(i), "probability": round(float(probs[i]), 6)}
-                 for i in top],
+        **top1,
         "model": clf.model,
         "backend": clf.backend,
         "batch_size": res.batch_size,
@@ -233,7 +257,16 @@ async def photo(request: web.Request) -> web.Response:
     return resp
 
 
+LIVE_PAGE = importlib.resources.files(__package__).joinpath("live.html")
+
+
+async def live(request: web.Request) -> web.Response:
+    return web.Response(text=LIVE_PAGE.read_text(encoding="utf-8"), content_type="text/html",
+                        headers={"Cache-Control": "no-cache"})
+
+
 def make_app(plan: ModelPlan, config: ServerConfig) -> web.Application:
+    from .stream import close_streams, stream
     # The body limit is enforced while streaming in _read_image (413 JSON);
     # aiohttp's own limit is set just above it as a backstop.
     app = web.Application(middlewares=[request_id_and_errors], client_max_size=config.max_body_bytes + 1)
@@ -242,6 +275,9 @@ def make_app(plan: ModelPlan, config: ServerConfig) -> web.Application:
     app.router.add_post("/photo", photo)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/stream", stream)
+    app.router.add_get("/live", live)
+    app.on_shutdown.append(close_streams)
 
     async def close(app: web.Application) -> None:
         await app[STATE].close()

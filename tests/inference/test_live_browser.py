@@ -1,0 +1,96 @@
+"""The live page (GET /live) in a real headless Chromium (Debian's, driven by
+Playwright), streaming Chromium's fake camera to a real inference server.
+Set LIVE_SCREENSHOT=docs/img/live.png to refresh the README's screenshot."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from .conftest import Server, start_server
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--use-fake-device-for-media-stream",
+        "--use-fake-ui-for-media-stream", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                reason=f"{CHROMIUM} missing: install the Debian package `chromium`")
+pytest.importorskip("playwright", reason="needs the Python package playwright (test extra)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Server]:
+    s = start_server("onnxruntime", tmp_path_factory.mktemp("live-logs"), model_cache)
+    try:
+        yield s
+    finally:
+        s.proc.stop()
+
+
+async def test_live_page_streams_the_camera_and_shows_label_latency_and_jitter(server: Server,
+                                                                               tmp_path: Path) -> None:
+    from playwright.async_api import async_playwright
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 620})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            # A key in the fragment: the page offers it as the subprotocol bearer.<KEY>
+            # beside inference.v1, and the server (as the edge would) picks inference.v1.
+            await page.goto(server.url + "/live#key=k-123&fps=15")
+            assert await page.input_value("#key") == "k-123"
+            assert await page.evaluate("subprotocols('k-123')") == ["inference.v1", "bearer.k-123"]
+            assert await page.evaluate("subprotocols('')") == ["inference.v1"]
+            await page.click("#start")
+            await page.wait_for_function("window.liveStats.answered >= 40", timeout=90_000)
+            await page.wait_for_timeout(600)  # let the figures repaint (every 250 ms)
+            stats = await page.evaluate("({sent: liveStats.sent, answered: liveStats.answered, "
+                                        "protocol: liveStats.protocol, jitter: liveStats.jitter})")
+            assert stats["protocol"] == "inference.v1", stats
+            label = await page.text_content("#label")
+            assert label and label != "—"
+            for fig in ("#p50", "#p99", "#jitter", "#afps", "#server"):
+                text = await page.text_content(fig)
+                assert text is not None and float(text) >= 0, (fig, text)
+            assert float(await page.text_content("#p50") or 0) > 0
+            assert float(await page.text_content("#afps") or 0) > 0
+            assert "streaming 15 fps" in (await page.text_content("#status") or "")
+            shot = tmp_path / "live.png"
+            await page.screenshot(path=str(shot))
+            if target := os.environ.get("LIVE_SCREENSHOT"):
+                shutil.copy(shot, target)
+            await page.click("#start")  # stop
+            await page.wait_for_function("window.liveStats.closed === 1000", timeout=10_000)
+            assert not errors, errors
+        finally:
+            await browser.close()
+
+
+async def test_live_page_talks_to_the_stream_next_to_its_own_url(server: Server) -> None:
+    """Through the edge the page is /pools/x/live and must use /pools/x/stream."""
+    from playwright.async_api import Route, async_playwright
+    async with aiohttp.ClientSession() as s, s.get(server.url + "/live") as r:
+        html = await r.text()
+
+    async def serve(route: Route) -> None:
+        await route.fulfill(status=200, content_type="text/html", body=html)
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = await browser.new_page()
+            await page.route("**/pools/gpu/live", serve)
+            await page.goto("http://edge.test:8443/pools/gpu/live#key=abc")
+            assert await page.evaluate("streamUrl('none')") == "ws://edge.test:8443/pools/gpu/stream?drop=none"
+            await page.route("https://edge.test/pools/gpu/live", serve)
+            await page.goto("https://edge.test/pools/gpu/live")
+            assert await page.evaluate("streamUrl('latest')") == "wss://edge.test/pools/gpu/stream?drop=latest"
+        finally:
+            await browser.close()
