@@ -189,3 +189,41 @@ def find_knee(points: Sequence[tuple[float, float, float]], min_ratio: float = 0
         knee = rate
     return {"knee_rps": knee, "saturated_at_rps": None,
             "reason": f"every rate up to {knee:g} req/s was sustained; the knee lies beyond the sweep"}
+
+
+# -- live streams (loadtest stream) ---------------------------------------------
+
+
+def consecutive_ipdv(latencies_ms: Sequence[float | None]) -> list[float]:
+    """|IPDV| (RFC 5481) of frames given in sequence order, None where a frame
+    has no latency (dropped, lost, an error): only pairs of consecutive frames
+    that both have one count, since RFC 5481 leaves IPDV undefined across a loss."""
+    return [abs(b - a) for a, b in pairwise(latencies_ms) if a is not None and b is not None]
+
+
+def rfc3550_series(latencies_ms: Sequence[float]) -> list[float]:
+    """RFC 3550's J after each sample (0 after the first): the running
+    estimate whose last value `rfc3550_jitter` returns."""
+    out: list[float] = []
+    j = 0.0
+    prev: float | None = None
+    for v in latencies_ms:
+        if prev is not None:
+            j += (abs(v - prev) - j) * RFC3550_GAIN
+        out.append(j)
+        prev = v
+    return out
+
+
+def stream_jitter(latencies_ms: Sequence[float | None]) -> dict[str, object]:
+    """Jitter of one stream's frames in sequence order (None: no latency):
+    the |IPDV| percentile fields (consecutive answered frames only), RFC
+    3550's J over the answered frames in order, and PDV (latency minus the
+    stream's minimum) as `pdv`."""
+    answered = [v for v in latencies_ms if v is not None]
+    d = summary(consecutive_ipdv(latencies_ms))
+    out: dict[str, object] = {k: d[k] for k in FIELDS}
+    out["count"] = d["count"]
+    out["rfc3550"] = _r(rfc3550_jitter(answered)) if len(answered) > 1 else None
+    out["pdv"] = summary(pdv(answered))
+    return out
