@@ -217,13 +217,31 @@ def rfc3550_series(latencies_ms: Sequence[float]) -> list[float]:
 
 def stream_jitter(latencies_ms: Sequence[float | None]) -> dict[str, object]:
     """Jitter of one stream's frames in sequence order (None: no latency):
-    the |IPDV| percentile fields (consecutive answered frames only), RFC
-    3550's J over the answered frames in order, and PDV (latency minus the
-    stream's minimum) as `pdv`."""
-    answered = [v for v in latencies_ms if v is not None]
-    d = summary(consecutive_ipdv(latencies_ms))
+    `streams_jitter` of that one stream."""
+    out = streams_jitter([latencies_ms])
+    del out["rfc3550_max"]
+    return out
+
+
+def streams_jitter(per_stream_ms: Sequence[Sequence[float | None]]) -> dict[str, object]:
+    """Jitter of several streams, each given in sequence order: |IPDV| pooled
+    over every stream's consecutive answered pairs (never across streams),
+    RFC 3550's J as the mean (`rfc3550`) and the largest (`rfc3550_max`) of
+    the streams' own final J, and PDV with each latency relative to its own
+    stream's minimum."""
+    ipdvs: list[float] = []
+    pdvs: list[float] = []
+    js: list[float] = []
+    for lat in per_stream_ms:
+        ipdvs.extend(consecutive_ipdv(lat))
+        answered = [v for v in lat if v is not None]
+        pdvs.extend(pdv(answered))
+        if len(answered) > 1:
+            js.append(rfc3550_jitter(answered))
+    d = summary(ipdvs)
     out: dict[str, object] = {k: d[k] for k in FIELDS}
     out["count"] = d["count"]
-    out["rfc3550"] = _r(rfc3550_jitter(answered)) if len(answered) > 1 else None
-    out["pdv"] = summary(pdv(answered))
+    out["rfc3550"] = _r(math.fsum(js) / len(js)) if js else None
+    out["rfc3550_max"] = _r(max(js)) if js else None
+    out["pdv"] = summary(pdvs)
     return out
