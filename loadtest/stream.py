@@ -33,6 +33,9 @@ perf = time.perf_counter
 SUBPROTOCOL = "inference.v1"
 MAX_MSG_BYTES = 64 * 1024 * 1024
 CONNECT_TIMEOUT_S = 10.0
+# After its last scheduled frame a stream waits this many deadlines for the
+# answers still missing; a frame unanswered then is dropped.
+DRAIN_DEADLINES = 2.0
 
 
 @dataclass
@@ -434,9 +437,10 @@ class StreamRun:
         reader = asyncio.ensure_future(self._read(s))
         try:
             await self._send(s, reader)
-            # Answers for the last frames: until each is in, or the deadline
-            # after the last scheduled send has passed.
-            end = s.last_intended + self.cfg.deadline_ms / 1000
+            # Answers for the last frames: until each is in, or DRAIN_DEADLINES
+            # deadlines after the last scheduled send, so that an answer a little
+            # late is seen as a deadline miss rather than taken for a drop.
+            end = s.last_intended + DRAIN_DEADLINES * self.cfg.deadline_ms / 1000
             while s.ledger.waiting and not reader.done() and not self.stop.is_set():
                 left = end - (perf() - self.t0)
                 if left <= 0:

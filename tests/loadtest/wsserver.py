@@ -15,8 +15,8 @@ the edge's entries (so the client's upgrade hops can be checked).
          connection wait in one queue and each costs C ms, so at F fps per
          stream the server keeps up with floor(1000 / (C F)) streams
 /close   ?after=N&code=X: closes with code X after N frames
-/key     ?key=K: refuses the upgrade with 401 unless Authorization is
-         "Bearer K"; then like /delay?ms=1
+/key     refuses the upgrade with 401 unless Authorization is
+         "Bearer test-stream-key"; then like /delay?ms=1
 /healthz "ok" (plain HTTP)
 """
 
@@ -31,6 +31,7 @@ import time
 from aiohttp import WSMsgType, web
 
 SERVER_TIMING = "lb;dur=0.2, tunnel;dur=3.5, agent;dur=2.0, tunnel_rtt;dur=0.75, edge;dur=4.1"
+KEY = "test-stream-key"
 PHASES = {"decode": 1.5, "preprocess": 2.5, "queue": 0.5, "infer": 10.0, "postprocess": 0.25}
 
 _serial: asyncio.Queue[tuple[web.WebSocketResponse, int]] | None = None
@@ -61,7 +62,7 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
     global _serial
     kind = request.match_info["kind"]
     q = request.query
-    if kind == "key" and request.headers.get("Authorization") != f"Bearer {q.get('key')}":
+    if kind == "key" and request.headers.get("Authorization") != f"Bearer {KEY}":
         raise web.HTTPUnauthorized(text="a valid key is required")
     ws = web.WebSocketResponse(protocols=("inference.v1",), max_msg_size=64 * 1024 * 1024, compress=False)
     ws.headers["Server-Timing"] = SERVER_TIMING
