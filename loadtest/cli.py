@@ -401,6 +401,13 @@ def compare_command(a: argparse.Namespace) -> int:
 
 def report_command(a: argparse.Namespace) -> int:
     res = _load(a.file)
+    if res.get("command") == "stream":
+        from . import streamreport
+
+        streamreport.print_summary(res, _console())
+        if a.html:
+            _write(a.html, streamreport.render(res, None))
+        return 0
     report.print_summary(res, _console())
     if a.html:
         from .htmlreport import render

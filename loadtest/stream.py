@@ -24,7 +24,15 @@ import aiohttp
 from yarl import URL
 
 from . import __version__
-from .runner import IMAGE_SUFFIXES, SAMPLES, UsageError, _error_kind, edge_tunnel_rtt, tls_context
+from .runner import (
+    IMAGE_SUFFIXES,
+    SAMPLES,
+    UsageError,
+    _detail,
+    _error_kind,
+    edge_tunnel_rtt,
+    tls_context,
+)
 from .schedule import Pacer, arrival_offsets, wait_plan
 
 perf = time.perf_counter
@@ -394,6 +402,7 @@ class StreamRun:
             # Connect every stream first: connection set-up is reported apart
             # (connect_ms), not charged to the first frames.
             await asyncio.gather(*(self._connect(session, s) for s in self.streams))
+            await self._refusal_detail(session)
             if any(s.ws is not None for s in self.streams) and not self.stop.is_set():
                 self.t0 = perf()
                 await asyncio.gather(*(self._stream(s) for s in self.streams if s.ws is not None))
@@ -405,6 +414,26 @@ class StreamRun:
                     await s.ws.close()
             if self.cfg.api_key and not self.stop.is_set():
                 self.tunnel_rtt_ms = await edge_tunnel_rtt(session, self.url, self.headers, self.cfg.pool)
+
+    async def _refusal_detail(self, session: aiohttp.ClientSession) -> None:
+        """aiohttp drops the body of a refused upgrade; the edge's JSON `detail`
+        says why. Ask once more, as a plain GET with the same headers, and keep
+        the detail if the answer has the same status."""
+        refused = [s for s in self.streams if s.error and s.error.startswith("HTTP ")]
+        if not refused:
+            return
+        status = refused[0].upgrade_status
+        url = self.url.with_scheme({"ws": "http", "wss": "https"}.get(self.url.scheme, self.url.scheme))
+        try:
+            async with session.get(url, headers=self.headers, timeout=aiohttp.ClientTimeout(total=5)) as r:
+                if r.status != status:
+                    return
+                detail = f"{r.reason or ''}: {_detail(await r.content.read(4096))}".strip(": ")
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return
+        for s in refused:
+            if s.upgrade_status == status:
+                s.error_detail = detail
 
     async def _connect(self, session: aiohttp.ClientSession, s: StreamState) -> None:
         _UPGRADE.set(s)

@@ -120,12 +120,20 @@ def cause(run: StreamRun) -> str | None:
     return line
 
 
-def _timeline(frames: Sequence[Frame], deadline_ms: float) -> list[dict[str, Any]]:
+def _timeline(frames: Sequence[Frame], by_stream: Sequence[Sequence[Frame]],
+              deadline_ms: float) -> list[dict[str, Any]]:
     """Per second of scheduled send time: frames sent, answered, dropped,
-    deadline misses, errors and the latency p50/p99/max of those frames."""
+    deadline misses, errors, the latency p50/p99/max of those frames and the
+    mean |IPDV| of the pairs ending in that second."""
     if not frames:
         return []
     n = int(max(f.intended for f in frames)) + 1
+    ipdv: list[list[float]] = [[] for _ in range(n)]
+    for fs in by_stream:
+        for a, b in zip(fs, fs[1:], strict=False):
+            la, lb = a.latency_ms, b.latency_ms
+            if la is not None and lb is not None:
+                ipdv[min(n - 1, int(b.intended))].append(abs(lb - la))
     rows: list[dict[str, Any]] = [{"t": i, "sent": 0, "answered": 0, "dropped": 0, "misses": 0, "errors": 0}
                                   for i in range(n)]
     lat: list[list[float]] = [[] for _ in range(n)]
@@ -143,7 +151,9 @@ def _timeline(frames: Sequence[Frame], deadline_ms: float) -> list[dict[str, Any
             row["errors"] += 1
         else:
             row["dropped"] += 1
-    for row, values in zip(rows, lat, strict=True):
+    for row, values, d in zip(rows, lat, ipdv, strict=True):
+        if d:
+            row["ipdv_mean"] = _ms(math.fsum(d) / len(d))
         if values:
             values.sort()
             row["p50"] = _ms(values[(len(values) - 1) // 2])
@@ -198,7 +208,7 @@ def analyse(run: StreamRun) -> dict[str, Any]:
     res["unmatched_answers"] = sum(s.ledger.unmatched for s in run.streams)
     res["interrupted"] = run.interrupted
     res["cause"] = cause(run)
-    res["timeline"] = _timeline(frames, cfg.deadline_ms)
+    res["timeline"] = _timeline(frames, [s.ledger.frames for s in run.streams], cfg.deadline_ms)
     lat = [v for f in frames if (v := f.latency_ms) is not None]
     res["distribution"] = _distribution(lat, stats.pdv(lat))
     labels = Counter(f.label for f in frames if f.label is not None)
@@ -379,6 +389,33 @@ def _jitter_plot(run: StreamRun) -> str:
     return c.render()
 
 
+def _timeline_plots(res: dict[str, Any], deadline_ms: float) -> tuple[str, str]:
+    """Latency and jitter over time from the per-second timeline (a saved
+    JSON has no frames)."""
+    tl = res.get("timeline") or []
+    lat: dict[str, list[tuple[float, float]]] = {k: [(r["t"] + 0.5, r[k]) for r in tl if k in r]
+                                                 for k in ("p50", "p99", "max")}
+    out = ["", ""]
+    ys = [y for pts in lat.values() for _, y in pts]
+    if ys:
+        xs = [r["t"] + 0.5 for r in tl]
+        c = Chart("plot-stream-latency", "Latency per second of scheduled send time", "seconds", "latency ms",
+                  xs, [*ys, deadline_ms])
+        for i, k in enumerate(("p50", "p99", "max")):
+            c.line(lat[k], f"{k} per second", PALETTE[i])
+        c.line([(min(xs), deadline_ms), (max(xs), deadline_ms)], "deadline", PALETTE[7], width=1.0)
+        bad = [(r["t"] + 0.5, deadline_ms) for r in tl if r["dropped"] or r["misses"]]
+        c.points(bad, "seconds with drops or misses", PALETTE[3], r=3.0)
+        out[0] = c.render()
+    ipdv = [(r["t"] + 0.5, r["ipdv_mean"]) for r in tl if "ipdv_mean" in r]
+    if ipdv:
+        c = Chart("plot-stream-jitter", "Jitter over time: mean |IPDV| per second", "seconds", "ms",
+                  [x for x, _ in ipdv], [y for _, y in ipdv])
+        c.line(ipdv, "mean |IPDV|", PALETTE[5])
+        out[1] = c.render()
+    return out[0], out[1]
+
+
 def _stream_rows(res: dict[str, Any]) -> list[list[Any]]:
     return [[p["stream"], p["frames_sent"], p["frames_answered"], p["frames_dropped"], p["deadline_misses"],
              p["frames_errors"], p["achieved_fps"], p["latency_ms"]["p50"], p["latency_ms"]["p99"],
@@ -422,16 +459,15 @@ def render(res: dict[str, Any], run: StreamRun | None) -> str:
         [name, *(s.get(k) for k in stats.FIELDS), s.get("count")]
         for name, s in (("latency", lat), ("jitter |IPDV|", jit), ("jitter PDV", jit.get("pdv")))
         if s and s.get("count")]))
-    if run is not None:
-        parts.append(_latency_plot(run, cfg["deadline_ms"]))
+    from_timeline = _timeline_plots(res, cfg["deadline_ms"]) if run is None else ("", "")
+    parts.append(_latency_plot(run, cfg["deadline_ms"]) if run is not None else from_timeline[0])
     parts.append(_histogram(res).replace("requests", "frames"))
     parts.append(_cdf(res))
     parts.append("<h2>Jitter</h2>")
     parts.append(f"<p>RFC 3550 J: {_f(jit.get('rfc3550'), 3)} ms (mean of the streams' final J; the largest "
                  f"{_f(jit.get('rfc3550_max'), 3)} ms). |IPDV| between consecutive answered frames of a stream: "
                  f"p50 {_f(jit.get('p50'), 3)}, p99 {_f(jit.get('p99'), 3)} ms.</p>")
-    if run is not None:
-        parts.append(_jitter_plot(run))
+    parts.append(_jitter_plot(run) if run is not None else from_timeline[1])
     if res.get("server_timing_ms"):
         parts.append("<h2>Server phases per frame</h2>" + _table(
             ["phase (ms)", *stats.FIELDS, "n"],

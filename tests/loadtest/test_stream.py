@@ -75,6 +75,14 @@ def test_known_delay_over_tls_measures_the_delay_counts_every_frame_and_writes_j
         assert f'id="{plot}"' in html, plot
     assert "<script" not in html and not re.search(r'(src|href)="(https?:)?//', html)
 
+    # `report` prints and draws a saved stream result (over time from its per-second timeline).
+    again = tmp_path / "again.html"
+    r = loadtest("report", str(tmp_path / "s.json"), "--html", str(again))
+    assert r.returncode == 0, r.stderr
+    assert "frames sent 100" in r.stdout
+    for plot in ("plot-stream-latency", "plot-histogram", "plot-cdf", "plot-stream-jitter"):
+        assert f'id="{plot}"' in again.read_text(), plot
+
 
 def test_frames_option_sends_exactly_that_many_per_stream(ws_server: str, tmp_path: Path):
     res, _, _ = run(tmp_path, ws_server + "/delay?ms=2", "--fps", "40", "--frames", "30", "--streams", "3")
@@ -138,6 +146,7 @@ def test_the_key_is_sent_on_the_upgrade_and_a_refusal_is_one_line(ws_server: str
     assert res["frames_sent"] == 0 and res["streams_connected"] == 0
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "HTTP 401" in lines[0] and "--api-key" in lines[0] and "2 of 2 streams" in lines[0]
+    assert "a valid key is required" in lines[0]  # the server's own reason, though aiohttp drops a refusal's body
 
 
 def test_bad_options_and_unreachable_servers_are_one_line(tmp_path: Path):
