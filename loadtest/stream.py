@@ -508,7 +508,14 @@ class StreamRun:
         assert s.ws is not None
         ws = s.ws
         while True:
-            msg = await ws.receive()
+            try:
+                msg = await ws.receive()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a broken connection ends the stream, counted, never a traceback
+                s.error, s.error_detail = "closed", f"connection error: {exc.__class__.__name__}: {exc}"
+                s.closed_early = True
+                return
             at = perf() - self.t0
             if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                 s.ledger.answer(msg.data, at)

@@ -182,3 +182,30 @@ def test_a_frame_size_below_the_smallest_jpeg_gives_the_smallest_jpeg():
     data = jpeg_of_size(100)
     assert 100 < len(data) < 2_000
     Image.open(io.BytesIO(data)).load()
+
+
+# -- figures of a set of frames ---------------------------------------------------------------
+
+
+def test_figures_count_every_outcome_and_the_miss_ratio():
+    from loadtest.streamreport import figures
+
+    led = _ledger(10)  # frames scheduled every 0.1 s
+    for i, latency in ((0, 0.010), (1, 0.020), (2, 0.250), (4, 0.030), (5, 0.040)):
+        led.answer(json.dumps({"seq": i, "timing": {"infer": 5.0, "decode": 1.0}}), i * 0.1 + latency)
+    led.answer('{"seq": 3, "dropped": true}', 0.31)
+    led.answer('{"seq": 6, "error": "bad"}', 0.61)
+    led.answer('{"seq": 7}', 0.7 + 0.05)
+    led.close()  # 8 and 9 unanswered
+    d = figures(led.frames, [led.frames], 1.0, deadline_ms=100.0, late_ms=1.0, not_sent=2)
+    assert d["frames_sent"] == 10 and d["frames_answered"] == 6 and d["frames_errors"] == 1
+    assert d["frames_dropped"] == 3 and d["dropped_by_server"] == 1 and d["unanswered"] == 2
+    assert d["deadline_misses"] == 1  # frame 2, 250 ms
+    # (1 miss + 3 dropped + 1 error + 2 not sent) / (10 sent + 2 not sent)
+    assert d["miss_ratio"] == pytest.approx(7 / 12)
+    assert d["achieved_fps"] == 6 and d["on_time_fps"] == 5
+    assert d["latency_ms"]["count"] == 6 and d["latency_ms"]["max"] == pytest.approx(250.0)
+    # |IPDV| only over the consecutive answered pairs (0,1), (1,2), (4,5): never across 3 or 6.
+    assert d["jitter_ms"]["count"] == 3
+    assert d["server_timing_ms"]["infer"]["mean"] == 5.0
+    assert d["server_timing_ms"]["outside_phases"]["min"] == pytest.approx(10.0 - 6.0)
