@@ -313,22 +313,50 @@ def run_command(a: argparse.Namespace) -> int:
 # -- stream ----------------------------------------------------------------------
 
 
+def _stream_progress_text(run: StreamRun, title: str, planned: float) -> Text:
+    p = run.progress
+    now = run.elapsed()
+    recent = sorted(lat for _, lat in takewhile(lambda x: x[0] >= now - 1.0, reversed(p.recent)))
+    line = f"{title}  {now:5.1f} s / {planned:.1f} s  sent {p.sent}  answered {p.answered}  dropped {p.dropped}"
+    line += f"  errors {p.errors}"
+    if recent:
+        line += f"  last second: p50 {recent[len(recent) // 2]:.1f} ms  max {recent[-1]:.1f} ms"
+    return Text(line)
+
+
+async def _stream_with_progress(run: StreamRun, title: str, show: bool) -> None:
+    if not show:
+        await run.execute()
+        return
+    from .streamreport import schedule_s
+
+    planned = schedule_s(run) + 1 / run.cfg.fps
+    with Live(_stream_progress_text(run, title, planned), console=Console(stderr=True), transient=True,
+              auto_refresh=False) as live:
+        task = asyncio.ensure_future(run.execute())
+        while not task.done():
+            await asyncio.wait([task], timeout=0.25)
+            live.update(_stream_progress_text(run, title, planned), refresh=True)
+        task.result()
+
+
 async def _stream_measure(cfg: StreamConfig, a: argparse.Namespace) -> tuple[dict[str, Any], StreamRun]:
     from . import streamreport
 
     stop = asyncio.Event()
     install_stop_on_signals(stop)
     frames = load_frames(cfg.images, cfg.frame_bytes)
+    show = not a.quiet and sys.stderr.isatty()
     if not a.capacity:
         run = StreamRun(cfg, stop, frames)
-        await run.execute()
+        await _stream_with_progress(run, "stream", show)
         return streamreport.analyse(run), run
     search = CapacitySearch(a.threshold, a.max_streams)
     steps: list[dict[str, Any]] = []
     results: dict[int, tuple[dict[str, Any], StreamRun]] = {}
     while (n := search.next_streams()) is not None and not stop.is_set():
         run = StreamRun(replace(cfg, streams=n), stop, frames)
-        await run.execute()
+        await _stream_with_progress(run, f"capacity: {n} stream(s)", show)
         res = streamreport.analyse(run)
         if stop.is_set():
             break

@@ -360,6 +360,26 @@ class StreamState:
         self.ws: aiohttp.ClientWebSocketResponse | None = None
 
 
+@dataclass
+class StreamProgress:
+    """What the live display shows; updated by the run, read by cli."""
+
+    sent: int = 0
+    answered: int = 0
+    dropped: int = 0  # by the server; unanswered frames are known only at the end
+    errors: int = 0
+    recent: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=20000))  # (done, latency ms)
+
+    def ended(self, f: Frame, at: float) -> None:
+        if f.outcome == ANSWERED:
+            self.answered += 1
+            self.recent.append((at, (at - f.intended) * 1000))
+        elif f.outcome == DROPPED:
+            self.dropped += 1
+        else:
+            self.errors += 1
+
+
 class StreamRun:
     """N streams at F frames per second: `await execute()`, then read `streams`."""
 
@@ -392,6 +412,7 @@ class StreamRun:
         self.span_s = 0.0
         self.tunnel_rtt_ms: dict[str, float] | None = None
         self.interrupted = False
+        self.progress = StreamProgress()
 
     async def execute(self) -> None:
         tc = aiohttp.TraceConfig()
@@ -414,6 +435,10 @@ class StreamRun:
                     await s.ws.close()
             if self.cfg.api_key and not self.stop.is_set():
                 self.tunnel_rtt_ms = await edge_tunnel_rtt(session, self.url, self.headers, self.cfg.pool)
+
+    def elapsed(self) -> float:
+        """Seconds since the first scheduled frame (0 before)."""
+        return perf() - self.t0 if self.t0 else 0.0
 
     async def _refusal_detail(self, session: aiohttp.ClientSession) -> None:
         """aiohttp drops the body of a refused upgrade; the edge's JSON `detail`
@@ -494,6 +519,7 @@ class StreamRun:
                     continue
                 at = perf() - self.t0
                 s.ledger.sent(seq, s.offset + intended, at)
+                self.progress.sent += 1
                 try:
                     await s.ws.send_bytes(self.frames[(seq + s.index) % n_frames][1])
                 except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
@@ -518,7 +544,9 @@ class StreamRun:
                 return
             at = perf() - self.t0
             if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
-                s.ledger.answer(msg.data, at)
+                f = s.ledger.answer(msg.data, at)
+                if f is not None:
+                    self.progress.ended(f, at)
                 continue
             if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
                             aiohttp.WSMsgType.ERROR):
