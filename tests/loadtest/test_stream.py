@@ -150,6 +150,17 @@ def test_the_key_is_sent_on_the_upgrade_and_a_refusal_is_one_line(ws_server: str
     assert "a valid key is required" in lines[0]  # the server's own reason, though aiohttp drops a refusal's body
 
 
+def test_the_upgrade_offers_the_subprotocol_sends_key_and_pool_and_asks_for_no_compression(
+        ws_server: str, tmp_path: Path):
+    res, _, _ = run(tmp_path, ws_server + "/headers", "--api-key", "k-1", "--pool", "gpu", "--fps", "20",
+                    "--frames", "3")
+    (label,) = res["labels"]  # every frame saw the same upgrade request
+    seen = json.loads(label)
+    assert seen == {"Authorization": "Bearer k-1", "X-Pool": "gpu", "Sec-WebSocket-Protocol": "inference.v1",
+                    "Sec-WebSocket-Extensions": None}
+    assert res["labels"][label] == 3
+
+
 def test_bad_options_and_unreachable_servers_are_one_line(tmp_path: Path):
     from tests.harness import free_port
 

@@ -209,3 +209,20 @@ def test_figures_count_every_outcome_and_the_miss_ratio():
     assert d["jitter_ms"]["count"] == 3
     assert d["server_timing_ms"]["infer"]["mean"] == 5.0
     assert d["server_timing_ms"]["outside_phases"]["min"] == pytest.approx(10.0 - 6.0)
+
+
+def test_images_are_files_or_directories_and_a_bad_path_is_a_usage_error(tmp_path):
+    from loadtest.runner import SAMPLES, UsageError
+    from loadtest.stream import load_frames
+
+    one = tmp_path / "one.png"
+    one.write_bytes(b"\x89PNG not really")
+    frames = load_frames([str(SAMPLES), str(one)], None)
+    assert [n for n, _ in frames] == ["astronaut.jpg", "cat.jpg", "coffee.jpg", "one.png"]
+    assert [n for n, _ in load_frames(None, None)] == ["astronaut.jpg", "cat.jpg", "coffee.jpg"]
+    assert len(load_frames(None, 5000)[0][1]) == 5000
+    with pytest.raises(UsageError, match="no such file"):
+        load_frames([str(tmp_path / "missing")], None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="no image files"):
+        load_frames([str(tmp_path / "empty")], None)

@@ -17,6 +17,9 @@ the edge's entries (so the client's upgrade hops can be checked).
 /close   ?after=N&code=X: closes with code X after N frames
 /key     refuses the upgrade with 401 unless Authorization is
          "Bearer test-stream-key"; then like /delay?ms=1
+/headers answers every frame {"seq": n, "label": L} where L is the JSON of
+         the upgrade request's Authorization, X-Pool, Sec-WebSocket-Protocol
+         and Sec-WebSocket-Extensions headers (null when absent)
 /healthz "ok" (plain HTTP)
 """
 
@@ -98,6 +101,9 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
         if kind == "silent" and n % every == every - 1:
             continue
         answer: dict[str, object] = {"seq": n, "label": "tabby"}
+        if kind == "headers":
+            answer["label"] = json.dumps({h: request.headers.get(h) for h in (
+                "Authorization", "X-Pool", "Sec-WebSocket-Protocol", "Sec-WebSocket-Extensions")}, sort_keys=True)
         if q.get("timing"):
             answer["timing"] = PHASES
         t = asyncio.get_running_loop().create_task(_answer_later(ws, answer, now + ms / 1000))
