@@ -354,7 +354,6 @@ class StreamState:
         self.error: str | None = None  # kind, e.g. "HTTP 401", "closed"
         self.error_detail: str | None = None
         self.close_code: int | None = None
-        self.closed_early = False
         self.not_sent = 0  # scheduled frames never sent (the connection had gone)
         self.last_intended = 0.0
         self.ws: aiohttp.ClientWebSocketResponse | None = None
@@ -523,7 +522,6 @@ class StreamRun:
                 try:
                     await s.ws.send_bytes(self.frames[(seq + s.index) % n_frames][1])
                 except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
-                    s.closed_early = True
                     s.error = s.error or "closed"
                     s.error_detail = s.error_detail or f"sending failed: {exc}"
             if wait is None:
@@ -540,7 +538,6 @@ class StreamRun:
                 raise
             except Exception as exc:  # a broken connection ends the stream, counted, never a traceback
                 s.error, s.error_detail = "closed", f"connection error: {exc.__class__.__name__}: {exc}"
-                s.closed_early = True
                 return
             at = perf() - self.t0
             if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
@@ -558,15 +555,4 @@ class StreamRun:
                     s.error = "closed"
                     s.error_detail = f"the server closed the WebSocket (code {ws.close_code}" + (
                         f" {reason!r})" if reason else ")")
-                s.closed_early = True
                 return
-
-
-def frames_of(run: StreamRun) -> list[Frame]:
-    return [f for s in run.streams for f in s.ledger.frames]
-
-
-def install_stop(stop: asyncio.Event) -> None:
-    from .runner import install_stop_on_signals
-
-    install_stop_on_signals(stop)
