@@ -38,6 +38,7 @@ KEY = "test-stream-key"
 PHASES = {"decode": 1.5, "preprocess": 2.5, "queue": 0.5, "infer": 10.0, "postprocess": 0.25}
 
 _serial: asyncio.Queue[tuple[web.WebSocketResponse, int]] | None = None
+_tasks: set[asyncio.Task[None]] = set()  # keeps the serial worker referenced
 
 
 async def _answer_later(ws: web.WebSocketResponse, answer: dict[str, object], due: float) -> None:
@@ -74,7 +75,7 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
     every = int(q.get("every", "3"))
     if kind == "serial" and _serial is None:
         _serial = asyncio.Queue()
-        request.app["serial"] = asyncio.get_running_loop().create_task(_serial_worker(ms))
+        _tasks.add(asyncio.get_running_loop().create_task(_serial_worker(ms)))
     tasks: set[asyncio.Task[None]] = set()
     n = -1
     async for msg in ws:
