@@ -1,4 +1,4 @@
-"""Command line of the load tester: `ping`, `classify`, `compare`, `report`.
+"""Command line of the load tester: `ping`, `classify`, `stream`, `compare`, `report`.
 Failures end in one line on standard error and an exit status, never a traceback."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from rich.text import Text
 from . import report, stats
 from .runner import Run, RunConfig, UsageError, install_stop_on_signals, machine
 from .schedule import ARRIVALS
+from .stream import CapacitySearch, StreamConfig, StreamRun, load_frames
 
 EPILOG = """\
 examples:
@@ -27,6 +28,9 @@ examples:
   loadtest classify --url https://edge:8443/photo --api-key $KEY --ca pki/ca.pem --pool opencv-dnn \\
       --concurrency 8 --requests 1000 --html classify.html
   loadtest ping --url https://edge:8443/ --api-key $KEY --ca pki/ca.pem --sweep 100,200,400,800 --duration 10
+  loadtest stream --url wss://edge:8443/stream --api-key $KEY --ca pki/ca.pem --fps 30 --streams 8 \
+      --duration 20 --frame-bytes 50000 --html stream.html
+  loadtest stream --url ws://127.0.0.1:8000/stream --fps 30 --duration 10 --capacity
   loadtest compare direct.json edge.json
   loadtest report edge.json --html edge.html
 
@@ -112,12 +116,61 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--records", action="store_true", help="include every request's record in the JSON")
         s.add_argument("--quiet", action="store_true", help="no live progress display")
 
+    _stream_parser(sub)
+
     c = sub.add_parser("compare", help="results side by side (e.g. direct vs through the edge)")
     c.add_argument("files", nargs="+", metavar="FILE.json")
     r = sub.add_parser("report", help="summary table and HTML report of a saved JSON result")
     r.add_argument("file", metavar="FILE.json")
     r.add_argument("--html", metavar="OUT", help="write the HTML report here")
     return p
+
+
+def _threshold(value: str) -> float:
+    v = _non_negative(value)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"a fraction below 1 (0.01 = 1%), got {value!r}")
+    return v
+
+
+def _stream_parser(sub: Any) -> None:
+    what = ("live streams of frames over WebSockets, like cameras: latency, jitter, drops and deadline misses "
+            "per frame; --capacity finds how many streams keep up")
+    s = sub.add_parser("stream", help=what, description=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--url", required=True, help="the WebSocket URL, ws:// or wss:// (an inference server's /stream, "
+                   "the edge, or any WebSocket server: a plain echo works too)")
+    s.add_argument("--api-key", default=os.environ.get("LOADTEST_API_KEY"),
+                   help="sent as 'Authorization: Bearer KEY' on the upgrade (LOADTEST_API_KEY)")
+    s.add_argument("--ca", default=os.environ.get("LOADTEST_CA"),
+                   help="CA file to verify the server's certificate with (LOADTEST_CA)")
+    s.add_argument("--pool", help="worker pool at the edge, sent as X-Pool on the upgrade")
+    s.add_argument("--insecure", action="store_true", help="do not verify the TLS certificate (only when asked)")
+    s.add_argument("--fps", type=_positive(float), required=True, help="frames per second of each stream")
+    end = s.add_mutually_exclusive_group(required=True)
+    end.add_argument("--duration", type=_positive(float),
+                     help="seconds of frames per stream (per step with --capacity)")
+    end.add_argument("--frames", type=_positive(int), help="frames per stream (per step with --capacity)")
+    s.add_argument("--streams", type=_positive(int), default=1, help="streams (WebSocket connections) in parallel")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--frame-bytes", type=_positive(int), metavar="B",
+                     help="send a valid JPEG (the sample cat) padded to B bytes")
+    src.add_argument("--images", nargs="+", metavar="PATH",
+                     help="image files or directories to send, cycled (default: the built-in samples)")
+    s.add_argument("--deadline-ms", type=_positive(float), default=1000.0,
+                   help="an answer later than this after its frame's scheduled send is a deadline miss; a frame "
+                        "still unanswered this long after the last scheduled frame is dropped")
+    s.add_argument("--late-ms", type=_non_negative, default=1.0,
+                   help="a send later than this after its scheduled time counts as late")
+    s.add_argument("--capacity", action="store_true",
+                   help="step the number of streams up (1, 2, 4, ... then bisection) until the miss ratio passes "
+                        "--threshold, and report how many streams the system sustains")
+    s.add_argument("--threshold", type=_threshold, default=0.01,
+                   help="--capacity: the largest miss ratio ((misses + drops + errors) / frames) that passes")
+    s.add_argument("--max-streams", type=_positive(int), default=64, help="--capacity: the most streams to try")
+    s.add_argument("--label", help="a name for this run in reports")
+    s.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    s.add_argument("--html", metavar="FILE", help="write a self-contained HTML report with plots")
+    s.add_argument("--quiet", action="store_true", help="no progress lines on standard error")
 
 
 def config_from_args(a: argparse.Namespace) -> RunConfig:
@@ -221,15 +274,19 @@ def _console() -> Console:
     return Console(highlight=False, soft_wrap=True, width=max(100, Console().width))
 
 
-def run_command(a: argparse.Namespace) -> int:
-    cfg = config_from_args(a)
-    if cfg.insecure:
-        err("warning: --insecure: the server's TLS certificate is NOT verified")
-    for path in (a.json, a.html):
+def _check_writable(*paths: str | None) -> None:
+    for path in paths:
         if path:
             parent = Path(path).resolve().parent
             if not parent.is_dir() or not os.access(parent, os.W_OK):
                 raise UsageError(f"cannot write {path}: {parent} is not a writable directory")
+
+
+def run_command(a: argparse.Namespace) -> int:
+    cfg = config_from_args(a)
+    if cfg.insecure:
+        err("warning: --insecure: the server's TLS certificate is NOT verified")
+    _check_writable(a.json, a.html)
     show = not a.quiet and sys.stderr.isatty()
     res = asyncio.run(_measure(cfg, show, a.records))
     run: Run = res.pop("_run")
@@ -249,6 +306,104 @@ def run_command(a: argparse.Namespace) -> int:
     if res["ok"] == 0:
         if not res["cause"]:
             err("error: no request succeeded")
+        return 1
+    return 0
+
+
+# -- stream ----------------------------------------------------------------------
+
+
+def _stream_progress_text(run: StreamRun, title: str, planned: float) -> Text:
+    p = run.progress
+    now = run.elapsed()
+    recent = sorted(lat for _, lat in takewhile(lambda x: x[0] >= now - 1.0, reversed(p.recent)))
+    line = f"{title}  {now:5.1f} s / {planned:.1f} s  sent {p.sent}  answered {p.answered}  dropped {p.dropped}"
+    line += f"  errors {p.errors}"
+    if recent:
+        line += f"  last second: p50 {recent[len(recent) // 2]:.1f} ms  max {recent[-1]:.1f} ms"
+    return Text(line)
+
+
+async def _stream_with_progress(run: StreamRun, title: str, show: bool) -> None:
+    if not show:
+        await run.execute()
+        return
+    from .streamreport import schedule_s
+
+    planned = schedule_s(run) + 1 / run.cfg.fps
+    with Live(_stream_progress_text(run, title, planned), console=Console(stderr=True), transient=True,
+              auto_refresh=False) as live:
+        task = asyncio.ensure_future(run.execute())
+        while not task.done():
+            await asyncio.wait([task], timeout=0.25)
+            live.update(_stream_progress_text(run, title, planned), refresh=True)
+        task.result()
+
+
+async def _stream_measure(cfg: StreamConfig, a: argparse.Namespace) -> tuple[dict[str, Any], StreamRun]:
+    from . import streamreport
+
+    stop = asyncio.Event()
+    install_stop_on_signals(stop)
+    frames = load_frames(cfg.images, cfg.frame_bytes)
+    show = not a.quiet and sys.stderr.isatty()
+    if not a.capacity:
+        run = StreamRun(cfg, stop, frames)
+        await _stream_with_progress(run, "stream", show)
+        return streamreport.analyse(run), run
+    search = CapacitySearch(a.threshold, a.max_streams)
+    steps: list[dict[str, Any]] = []
+    results: dict[int, tuple[dict[str, Any], StreamRun]] = {}
+    while (n := search.next_streams()) is not None and not stop.is_set():
+        run = StreamRun(replace(cfg, streams=n), stop, frames)
+        await _stream_with_progress(run, f"capacity: {n} stream(s)", show)
+        res = streamreport.analyse(run)
+        if stop.is_set():
+            break
+        ratio = res["miss_ratio"] if res["miss_ratio"] is not None else 1.0
+        res["passed"] = search.record(n, ratio)
+        steps.append(res | {"streams": n})
+        results[n] = (res, run)
+        if not a.quiet:
+            err(f"capacity: {n} stream(s): miss ratio {100 * ratio:.2f}%, p99 {res['latency_ms']['p99']} ms -> "
+                f"{'pass' if res['passed'] else 'FAIL'}")
+        if res["streams_connected"] == 0:
+            break
+    if not steps:
+        raise UsageError("interrupted before the first step")
+    chosen = search.sustained if search.sustained in results else steps[0]["streams"]
+    top, run = results[chosen]
+    top = dict(top)
+    top["capacity"] = streamreport.capacity_json(search, steps, cfg, streamreport.schedule_s(run))
+    top["top_level_is"] = f"the step with {chosen} stream(s)"
+    return top, run
+
+
+def stream_command(a: argparse.Namespace) -> int:
+    from . import streamreport
+
+    if a.capacity and a.streams != 1:
+        raise UsageError("--capacity chooses the number of streams itself: leave out --streams")
+    cfg = StreamConfig(url=a.url, api_key=a.api_key, ca=a.ca, insecure=a.insecure, pool=a.pool, fps=a.fps,
+                       duration=a.duration, frames=a.frames, streams=a.streams, frame_bytes=a.frame_bytes,
+                       images=a.images, deadline_ms=a.deadline_ms, late_ms=a.late_ms, label=a.label)
+    if cfg.insecure:
+        err("warning: --insecure: the server's TLS certificate is NOT verified")
+    _check_writable(a.json, a.html)
+    res, run = asyncio.run(_stream_measure(cfg, a))
+    res["machine"] = machine()
+    if a.json:
+        _write(a.json, json.dumps(res, indent=1, default=str) + "\n")
+    if a.html:
+        _write(a.html, streamreport.render(res, run))
+    streamreport.print_summary(res, _console())
+    if res.get("interrupted"):
+        err("interrupted: the report covers the frames up to then")
+    if res["cause"]:
+        err(("error: " if res["frames_answered"] == 0 else "warning: ") + res["cause"])
+    if res["frames_answered"] == 0:
+        if not res["cause"]:
+            err("error: no frame was answered")
         return 1
     return 0
 
@@ -274,6 +429,13 @@ def compare_command(a: argparse.Namespace) -> int:
 
 def report_command(a: argparse.Namespace) -> int:
     res = _load(a.file)
+    if res.get("command") == "stream":
+        from . import streamreport
+
+        streamreport.print_summary(res, _console())
+        if a.html:
+            _write(a.html, streamreport.render(res, None))
+        return 0
     report.print_summary(res, _console())
     if a.html:
         from .htmlreport import render
@@ -289,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
             return compare_command(a)
         if a.command == "report":
             return report_command(a)
+        if a.command == "stream":
+            return stream_command(a)
         return run_command(a)
     except UsageError as exc:
         err(f"error: {exc}")

@@ -228,13 +228,18 @@ def trace_config() -> aiohttp.TraceConfig:
 
 
 def ssl_context(cfg: RunConfig) -> ssl.SSLContext | bool:
-    if cfg.insecure:
+    return tls_context(cfg.ca, cfg.insecure)
+
+
+def tls_context(ca: str | None, insecure: bool) -> ssl.SSLContext | bool:
+    """aiohttp's `ssl=`: no verification (--insecure), the given CA, or the system's trust store."""
+    if insecure:
         return False
-    if cfg.ca:
+    if ca:
         try:
-            return ssl.create_default_context(cafile=cfg.ca)
+            return ssl.create_default_context(cafile=ca)
         except (OSError, ssl.SSLError) as exc:
-            raise UsageError(f"cannot load the CA file {cfg.ca}: {exc}") from None
+            raise UsageError(f"cannot load the CA file {ca}: {exc}") from None
     return True
 
 
@@ -520,26 +525,33 @@ class Run:
             self.cancelled_in_flight = in_flight
 
     async def _tunnel_rtt(self) -> dict[str, float] | None:
-        """The edge's heartbeat RTT per worker, from GET /_edge/workers (needs
-        a key allowed to read it); None when the URL is not an edge."""
         assert self.session is not None
-        url = self.url.origin() / "_edge" / "workers"
-        try:
-            async with self.session.get(url, headers=self.headers, timeout=aiohttp.ClientTimeout(total=5)) as r:
-                if r.status != 200:
-                    return None
-                data = json.loads(await r.read())
-        except (aiohttp.ClientError, TimeoutError, ValueError, OSError):
-            return None
-        if not isinstance(data, dict) or not isinstance(data.get("workers"), list):
-            return None
-        out = {}
-        for w in data["workers"]:
-            if isinstance(w, dict) and isinstance(w.get("tunnel_rtt_ms"), int | float):
-                if self.cfg.pool and w.get("pool") not in (None, self.cfg.pool):
-                    continue
-                out[str(w.get("id", "?"))] = float(w["tunnel_rtt_ms"])
-        return out or None
+        return await edge_tunnel_rtt(self.session, self.url, self.headers, self.cfg.pool)
+
+
+async def edge_tunnel_rtt(session: aiohttp.ClientSession, url: URL, headers: dict[str, str],
+                          pool: str | None) -> dict[str, float] | None:
+    """The edge's heartbeat RTT per worker, from GET /_edge/workers at the
+    origin of `url` (needs a key allowed to read it); None when the URL is
+    not an edge. A ws:// or wss:// URL asks its http(s) origin."""
+    scheme = {"ws": "http", "wss": "https"}.get(url.scheme, url.scheme)
+    origin = url.with_scheme(scheme).origin() / "_edge" / "workers"
+    try:
+        async with session.get(origin, headers=headers, timeout=aiohttp.ClientTimeout(total=5)) as r:
+            if r.status != 200:
+                return None
+            data = json.loads(await r.read())
+    except (aiohttp.ClientError, TimeoutError, ValueError, OSError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("workers"), list):
+        return None
+    out = {}
+    for w in data["workers"]:
+        if isinstance(w, dict) and isinstance(w.get("tunnel_rtt_ms"), int | float):
+            if pool and w.get("pool") not in (None, pool):
+                continue
+            out[str(w.get("id", "?"))] = float(w["tunnel_rtt_ms"])
+    return out or None
 
 
 def install_stop_on_signals(stop: asyncio.Event) -> None:

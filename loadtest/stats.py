@@ -189,3 +189,59 @@ def find_knee(points: Sequence[tuple[float, float, float]], min_ratio: float = 0
         knee = rate
     return {"knee_rps": knee, "saturated_at_rps": None,
             "reason": f"every rate up to {knee:g} req/s was sustained; the knee lies beyond the sweep"}
+
+
+# -- live streams (loadtest stream) ---------------------------------------------
+
+
+def consecutive_ipdv(latencies_ms: Sequence[float | None]) -> list[float]:
+    """|IPDV| (RFC 5481) of frames given in sequence order, None where a frame
+    has no latency (dropped, lost, an error): only pairs of consecutive frames
+    that both have one count, since RFC 5481 leaves IPDV undefined across a loss."""
+    return [abs(b - a) for a, b in pairwise(latencies_ms) if a is not None and b is not None]
+
+
+def rfc3550_series(latencies_ms: Sequence[float]) -> list[float]:
+    """RFC 3550's J after each sample (0 after the first): the running
+    estimate whose last value `rfc3550_jitter` returns."""
+    out: list[float] = []
+    j = 0.0
+    prev: float | None = None
+    for v in latencies_ms:
+        if prev is not None:
+            j += (abs(v - prev) - j) * RFC3550_GAIN
+        out.append(j)
+        prev = v
+    return out
+
+
+def stream_jitter(latencies_ms: Sequence[float | None]) -> dict[str, object]:
+    """Jitter of one stream's frames in sequence order (None: no latency):
+    `streams_jitter` of that one stream."""
+    out = streams_jitter([latencies_ms])
+    del out["rfc3550_max"]
+    return out
+
+
+def streams_jitter(per_stream_ms: Sequence[Sequence[float | None]]) -> dict[str, object]:
+    """Jitter of several streams, each given in sequence order: |IPDV| pooled
+    over every stream's consecutive answered pairs (never across streams),
+    RFC 3550's J as the mean (`rfc3550`) and the largest (`rfc3550_max`) of
+    the streams' own final J, and PDV with each latency relative to its own
+    stream's minimum."""
+    ipdvs: list[float] = []
+    pdvs: list[float] = []
+    js: list[float] = []
+    for lat in per_stream_ms:
+        ipdvs.extend(consecutive_ipdv(lat))
+        answered = [v for v in lat if v is not None]
+        pdvs.extend(pdv(answered))
+        if len(answered) > 1:
+            js.append(rfc3550_jitter(answered))
+    d = summary(ipdvs)
+    out: dict[str, object] = {k: d[k] for k in FIELDS}
+    out["count"] = d["count"]
+    out["rfc3550"] = _r(math.fsum(js) / len(js)) if js else None
+    out["rfc3550_max"] = _r(max(js)) if js else None
+    out["pdv"] = summary(pdvs)
+    return out

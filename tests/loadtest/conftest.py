@@ -72,3 +72,33 @@ def loadtest(*args: str, timeout: float = 90.0) -> subprocess.CompletedProcess[s
     r = subprocess.run([PY, "-m", "loadtest", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr
     return r
+
+
+WS_SERVER = Path(__file__).resolve().parent / "wsserver.py"
+
+
+@pytest.fixture(scope="session")
+def ws_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The WebSocket test server (wsserver.py) on loopback, plain: its ws:// base URL."""
+    port = free_port()
+    p = Proc("loadtest-ws-server", [PY, str(WS_SERVER), str(port)], tmp_path_factory.mktemp("ws-logs"))
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", p)
+        yield f"ws://127.0.0.1:{port}"
+    finally:
+        p.stop()
+
+
+@pytest.fixture(scope="session")
+def wss_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsServer]:
+    """The same WebSocket server over TLS: its wss:// base URL and CA."""
+    d = tmp_path_factory.mktemp("wss")
+    files = certs.make_all(d, ["localhost", "127.0.0.1"])
+    port = free_port()
+    p = Proc("loadtest-wss-server", [PY, str(WS_SERVER), str(port), "--tls", str(files["cert"]), str(files["key"])],
+             d)
+    try:
+        wait_http(f"https://127.0.0.1:{port}/healthz", p, context=ssl.create_default_context(cafile=str(files["ca"])))
+        yield TlsServer(f"wss://127.0.0.1:{port}", files["ca"])
+    finally:
+        p.stop()
