@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from edge_proxy.config import EdgeConfig
+from inference.config import ModelSettings, ServerConfig
 from runtime.settings import markdown_table
 from worker_agent.config import AgentConfig
 
@@ -17,6 +18,8 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "settings.md"
 PROGRAMS = [
     ("edge-proxy serve", EdgeConfig, "EDGE", "deploy/systemd/edge-proxy.env"),
     ("worker-agent", AgentConfig, "AGENT", "deploy/systemd/worker-agent.env"),
+    ("inference-server serve", ServerConfig, "INFER", "deploy/systemd/inference-server.env"),
+    ("inference-server classify", ModelSettings, "INFER", "(the model settings of serve)"),
 ]
 
 

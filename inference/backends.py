@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ModelUnavailable
 from .threads import ThreadPlan, onnxruntime_options
 
 Predict = Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]]
@@ -38,7 +39,6 @@ def install_hint(backend: str) -> str:
 
 
 def check_available(backend: str) -> None:
-    from .models import ModelUnavailable
     module, fix = _PACKAGES[backend]
     if importlib.util.find_spec(module) is None:
         raise ModelUnavailable(f"backend {backend} needs the Python package {module}; {fix}")

@@ -31,24 +31,13 @@ from typing import Any
 import numpy as np
 
 from . import backends
+from .catalog import AUTO, BACKENDS, MODELS, PREFERENCE, SUPPORTED
+from .errors import ModelUnavailable
 from .labels import imagenet_labels
 from .threads import ThreadPlan, apply_opencv, apply_tensorflow
 
 log = logging.getLogger("inference")
 
-MODELS = ("efficientnet-lite0", "inception-v3", "googlenet")
-BACKENDS = ("opencv-dnn", "tensorflow", "onnxruntime")
-SUPPORTED = {
-    "efficientnet-lite0": BACKENDS,
-    "inception-v3": ("tensorflow",),
-    "googlenet": ("opencv-dnn", "onnxruntime"),
-}
-
-# The default backend is the fastest one installed, in this order, measured on
-# EfficientNet-Lite0 here (docs/inference.md, "Choosing the backend"):
-# onnxruntime ~6-8 ms/image, opencv-dnn ~7-12, tensorflow ~16-20.
-PREFERENCE = ("onnxruntime", "opencv-dnn", "tensorflow")
-AUTO = "auto"
 
 
 def choose_backend(model: str, requested: str, installed: Callable[[str], bool]) -> tuple[str, str]:
@@ -76,11 +65,6 @@ GOOGLENET_GRAPH = "tensorflow_inception_graph.pb"
 GOOGLENET_LABELS = "imagenet_comp_graph_label_strings.txt"
 GOOGLENET_URL = "https://storage.googleapis.com/download.tensorflow.org/models/inception5h.zip"
 DOWNLOAD_TIMEOUT = 30.0
-
-
-class ModelUnavailable(Exception):
-    """A model cannot be loaded for a reason the user must fix; the message is
-    one line that names the problem and the fix."""
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,11 @@ import time
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from .answers import classification, error
 from .batcher import QueueFull
 from .frames import DropPolicy, FrameScheduler, Outcome
 from .imaging import BadImage, prepare
-from .server import STATE, State, classification, error
+from .state import STATE, State
 
 log = logging.getLogger("inference")
 

@@ -17,18 +17,26 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from runtime.settings import option
+
 log = logging.getLogger("inference")
 
 SPINNING = ("auto", "on", "off")
+GROUP = "Threads"
 
 
 @dataclass(frozen=True)
 class ThreadSettings:
     """What the operator asked for; 0 and "auto" mean: derive from the cores."""
-    decode_threads: int = 0
-    inference_threads: int = 0
-    inter_op_threads: int = 1
-    spinning: str = "auto"
+    decode_threads: int = option(0, group=GROUP, help="threads decoding and preprocessing uploads (serve); 0: one "
+                                                      "per 4 usable cores, at least 1")
+    inference_threads: int = option(0, group=GROUP, help="threads of one forward pass (onnxruntime intra-op, "
+                                                         "TensorFlow intra-op, OpenCV); 0: every usable core")
+    inter_op_threads: int = option(1, group=GROUP, help="onnxruntime/TensorFlow threads running independent graph "
+                                                        "nodes side by side")
+    spinning: str = option("auto", group=GROUP, choices=SPINNING,
+                           help="onnxruntime's idle threads spin for work; auto: off when decode threads share the "
+                                "inference cores")
 
     def __post_init__(self) -> None:
         if self.decode_threads < 0 or self.inference_threads < 0:

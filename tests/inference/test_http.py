@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from httpcontract import problem
 from tests.harness import PY, ROOT
 
 from .conftest import BACKENDS, Server, start_server
@@ -100,8 +101,11 @@ async def test_bad_inputs_get_reasons_and_the_server_keeps_serving(servers: dict
         for what, (body, status, reason) in cases.items():
             got, answer, headers = await post(s, url, body, **{"Content-Type": "application/octet-stream"})
             assert got == status, (what, answer)
-            assert answer["message"] == "error" and reason in answer["error"], (what, answer)
-            assert "Traceback" not in answer["error"]
+            # The one error shape of every hop (RFC 9457 + code + request_id), plus the seed's "message".
+            assert answer["message"] == "error" and reason in answer["detail"], (what, answer)
+            assert problem.is_problem(answer) and answer["status"] == status, (what, answer)
+            assert answer["request_id"] == headers["X-Request-ID"], (what, answer)
+            assert "Traceback" not in answer["detail"]
         status, answer, _ = await post(s, url, photos["chelsea"])
         assert status == 200 and answer["label"] in CAT_CLASSES
         async with s.get(url + "/metrics") as r:
@@ -132,7 +136,7 @@ async def test_oversized_body_is_413_before_decoding(tmp_path: Path, model_cache
     try:
         async with aiohttp.ClientSession() as s:
             status, answer, _ = await post(s, server.url, b"\xff\xd8" + b"\0" * 200_000)
-            assert status == 413 and "limit" in answer["error"]
+            assert status == 413 and "limit" in answer["detail"]
             status, answer, _ = await post(s, server.url, photos["chelsea"])
             assert status == 200 and answer["batch_size"] == 1
     finally:
@@ -148,7 +152,7 @@ async def test_a_full_queue_answers_503_with_retry_after(tmp_path: Path, model_c
         statuses = [r[0] for r in results]
         assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses, statuses
         busy = next(r for r in results if r[0] == 503)
-        assert busy[2]["Retry-After"] == "1" and "busy" in busy[1]["error"]
+        assert busy[2]["Retry-After"] == "1" and "busy" in busy[1]["detail"]
     finally:
         server.proc.stop()
 

@@ -247,12 +247,12 @@ async def test_model_and_drop_are_checked_before_the_upgrade(server: Server, pho
             await s.ws_connect(ws_url(server, "?model=resnet-9000"))
         assert exc.value.status == 404
         async with s.get(server.url + "/stream?model=resnet-9000") as r:
-            assert r.status == 404 and "'efficientnet-lite0'" in (await r.json())["error"]
+            assert r.status == 404 and "'efficientnet-lite0'" in (await r.json())["detail"]
         with pytest.raises(aiohttp.WSServerHandshakeError) as exc:
             await s.ws_connect(ws_url(server, "?drop=sometimes"))
         assert exc.value.status == 400
         async with s.get(server.url + "/stream") as r:  # not a WebSocket upgrade
-            assert r.status == 426 and "WebSocket" in (await r.json())["error"]
+            assert r.status == 426 and "WebSocket" in (await r.json())["detail"]
 
 
 async def test_stream_metrics(server: Server, photos: dict[str, bytes]) -> None:

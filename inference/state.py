@@ -1,0 +1,93 @@
+"""The inference server's state, one per application: settings, metrics, the
+loaded model, the batcher, the thread pools of the thread plan, open streams."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .batcher import Batcher, BatchPolicy
+from .config import ServerConfig
+from .models import Classifier, ModelPlan
+from .threads import thread_plan, usable_cores
+
+log = logging.getLogger("inference")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("inference_requests", "POST /photo answers by status", ["status"], registry=r)
+        self.latency = Histogram("inference_request_seconds", "time inside the server per classified image",
+                                 buckets=(.002, .005, .01, .02, .04, .08, .16, .32, .64, 1.28, 2.56), registry=r)
+        self.queue = Histogram("inference_queue_seconds", "wait in the batcher before the forward pass",
+                               buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1), registry=r)
+        self.batch_size = Histogram("inference_batch_size", "images per forward pass",
+                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
+        self.infer = Histogram("inference_forward_seconds", "forward pass time per batch",
+                               buckets=(.002, .005, .01, .02, .04, .08, .16, .32, .64, 1.28), registry=r)
+        self.depth = Gauge("inference_queue_depth", "requests waiting in the batcher", registry=r)
+        self.ready = Gauge("inference_ready", "1 once the model is loaded and warmed up", registry=r)
+        self.streams_open = Gauge("inference_streams_open", "GET /stream WebSockets open", registry=r)
+        self.stream_frames = Counter("inference_stream_frames", "GET /stream messages by how they were answered",
+                                     ["outcome"], registry=r)
+        self.streams_closed = Counter("inference_streams_closed", "GET /stream WebSockets closed, by reason",
+                                      ["reason"], registry=r)
+        for outcome in ("answered", "dropped", "error"):
+            self.stream_frames.labels(outcome)
+
+
+class State:
+    def __init__(self, plan: ModelPlan, config: ServerConfig) -> None:
+        self.plan = plan
+        self.config = config
+        self.metrics = Metrics()
+        self.classifier: Classifier | None = None
+        self.batcher: Batcher | None = None
+        self.load_error: str | None = None
+        # One thread plan for every caller of the batcher and the decode pool.
+        self.threads = thread_plan(usable_cores(), config.threads)
+        self.infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
+        self.decode_pool = ThreadPoolExecutor(self.threads.decode, thread_name_prefix="decode")
+        self.hostname = socket.gethostname()
+        self.streams: set[web.WebSocketResponse] = set()
+        self.shutting_down = False
+
+    async def load(self) -> None:
+        """Load and warm up on the inference thread; /healthz turns ready
+        only after a real forward pass has run (the first one is slow)."""
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        log.info("%s", self.threads.describe())
+        clf = await loop.run_in_executor(self.infer_pool, self.plan.load, self.threads)
+        size = clf.preprocess.size
+        for n in sorted({1, self.config.max_batch}):
+            for _ in range(max(1, self.config.warmup_runs)):
+                await loop.run_in_executor(self.infer_pool, clf.predict, np.zeros((n, size, size, 3), np.float32))
+        policy = BatchPolicy(self.config.max_batch, self.config.batch_timeout_ms / 1000)
+
+        def on_batch(n: int, seconds: float) -> None:
+            self.metrics.batch_size.observe(n)
+            self.metrics.infer.observe(seconds)
+        self.batcher = Batcher(clf.predict, policy, self.config.max_queue, self.infer_pool, on_batch)
+        self.batcher.start()
+        self.classifier = clf
+        self.metrics.ready.set(1)
+        log.info("ready: %s on %s, loaded and warmed up in %.1f s (max batch %d, batch timeout %g ms)",
+                 clf.model, clf.backend, time.perf_counter() - t0, self.config.max_batch, self.config.batch_timeout_ms)
+
+    async def close(self) -> None:
+        if self.batcher:
+            await self.batcher.stop()
+        self.infer_pool.shutdown(wait=False, cancel_futures=True)
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+
+STATE: web.AppKey[State] = web.AppKey("state", State)
