@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import io
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -42,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
 
+from httpcontract.timing import parse as parse_server_timing  # noqa: E402
 from tests.harness import PY, Proc, free_port  # noqa: E402
 
 
@@ -100,9 +100,9 @@ async def load(url: str, body: bytes, concurrency: int, seconds: float,
                     errors += 1
                     return
                 if app is not None:
-                    m = re.search(r"app;dur=([0-9.]+)", r.headers.get("Server-Timing", ""))
-                    if m:
-                        app.append(float(m.group(1)) / 1000)
+                    hops = parse_server_timing(r.headers.getall("Server-Timing", []))
+                    if "app" in hops:
+                        app.append(hops["app"] / 1000)
             lat.append(time.perf_counter() - t)
 
         for _ in range(concurrency * 2):  # warm the connections

@@ -11,14 +11,15 @@ import enum
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from multidict import CIMultiDict
 
 from httpcontract.timing import entry as timing_entry
 from httpcontract.timing import merge as merge_server_timing
+from httpcontract.timing import values as timing_values
 from relay.headers import end_to_end
 from relay.io import StreamChannel, TunnelIO
 from tunnel import ErrorCode, RequestHead, ResponseHead, StreamError
@@ -27,6 +28,7 @@ from .errors import error_response
 from .overload import is_load_signal
 from .registry import NoWorkerAvailable
 from .session import EdgeSession, HeadTooLarge
+from .upload import BodyStalled, BodyTooLarge, RequestBody, Upload, await_head
 
 if TYPE_CHECKING:
     from .registry import Worker
@@ -59,14 +61,6 @@ NO_BODY_STATUSES = {204, 304}
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
-class BodyStalled(Exception):
-    pass
-
-
 class RetryElsewhere(Exception):
     """The worker never processed the request: safe to try another."""
 
@@ -89,45 +83,6 @@ def resolve_pool(request: web.Request) -> tuple[str, str]:
         query = raw[len(raw.split("?", 1)[0]) :]
         return m.group(1), rest + query
     return request.headers.get("X-Pool", "default"), raw
-
-
-class RequestBody:
-    """The client's body, read once, with the first `replay_limit` bytes kept so
-    that a request refused by a worker can be replayed to another."""
-
-    def __init__(self, request: web.Request, max_body: int, replay_limit: int, stall_timeout: float) -> None:
-        self.request = request
-        self.stall_timeout = stall_timeout
-        self.max_body = max_body
-        self.replay_limit = replay_limit
-        self.kept: list[bytes] = []
-        self.read = 0
-        self.replayable = True
-        self.finished = False
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        for c in self.kept:
-            yield c
-        while not self.finished:
-            try:
-                # asyncio.timeout, not wait_for: wait_for wraps every read in a new Task.
-                async with asyncio.timeout(self.stall_timeout):
-                    chunk = await self.request.content.readany()
-            except TimeoutError:
-                raise BodyStalled() from None
-            if not chunk:
-                self.finished = True
-                return
-            self.read += len(chunk)
-            if self.read > self.max_body:
-                raise BodyTooLarge()
-            if self.replayable:
-                if self.read <= self.replay_limit:
-                    self.kept.append(chunk)
-                else:
-                    self.replayable = False
-                    self.kept.clear()
-            yield chunk
 
 
 def undecodable_header(headers: list[tuple[str, str]]) -> str | None:
@@ -231,13 +186,35 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
             lease.release(None if outcome is None or busy else outcome is Outcome.OK, latency, shed=busy)
 
 
+@dataclass(slots=True)
+class Attempt:
+    """One attempt of a request on one worker, and what its steps share."""
+
+    state: EdgeState
+    request: web.Request
+    request_id: str
+    session: EdgeSession
+    io: TunnelIO
+    ch: StreamChannel
+    body: RequestBody
+    upload: Upload | None
+    lb: float
+    started: float
+    t_sent: float
+    worker_id: str
+    pool: str
+    t_head: float = 0.0  # when the response head arrived
+
+
+Result = tuple[web.StreamResponse, "Outcome | None", "float | None"]  # response, outcome, latency sample
+
+
 async def _exchange(state: EdgeState, request: web.Request, request_id: str, session: EdgeSession, head: RequestHead,
-                    has_body: bool, body: RequestBody, lb: float,
-                    started: float) -> tuple[web.StreamResponse, Outcome | None, float | None]:
-    """One attempt on one worker. Returns (response, outcome, latency sample).
-    A "busy" answer comes back buffered (unprepared) when it fits
-    --buffer-response, so that the caller may still retry elsewhere."""
-    cfg = state.config
+                    has_body: bool, body: RequestBody, lb: float, started: float) -> Result:
+    """One attempt on one worker: open the stream, await the head, then the
+    body buffered or streamed. A "busy" answer comes back buffered
+    (unprepared) when it fits --buffer-response, so that the caller may still
+    retry elsewhere. Raises RetryElsewhere when the worker never took it."""
     worker_id = session.worker.agent_id if session.worker else "?"
     pool = session.worker.pool if session.worker else "-"
     try:
@@ -246,134 +223,157 @@ async def _exchange(state: EdgeState, request: web.Request, request_id: str, ses
         raise RetryElsewhere() from None
     except HeadTooLarge as exc:
         return error_response(431, "headers_too_large", str(exc), request_id), None, None
-    t_sent = time.monotonic()
     io = session.io
-    pump = asyncio.create_task(_pump_body(io, ch, body)) if has_body else None
-    if pump is not None:
-        # The upload can end (client gone) after this handler was cancelled
-        # and stopped looking at it: its end is collected here whatever happens.
-        pump.add_done_callback(lambda t: _upload_ended(state, t, request_id, worker_id, pool, body))
+    upload = None
+    if has_body:
+        upload = Upload(io, ch, body, request_id, worker_id,
+                        lambda cause: _upload_aborted(state, request_id, worker_id, pool, body, cause))
+    att = Attempt(state, request, request_id, session, io, ch, body, upload, lb, started, time.monotonic(),
+                  worker_id, pool)
     try:
-        try:
-            rhead = await _await_head(ch, pump, cfg.upstream_timeout)
-        except StreamError as exc:
-            replayable = not has_body or body.replayable
-            # Refused streams never reached the upstream; a lost tunnel may
-            # have, so only idempotent requests are retried after one.
-            lost = io.closed.is_set() and request.method in IDEMPOTENT
-            if replayable and (exc.retryable or lost):
-                log.info("request %s: worker %s did not take it (%s); retrying elsewhere", request_id, worker_id, exc)
-                raise RetryElsewhere() from None
-            log.warning("request %s to worker %s failed: %s", request_id, worker_id, exc)
-            return error_response(502, "worker_failed", f"worker {worker_id} failed: {exc}", request_id), Outcome.FAILED, None
-        except TimeoutError:
-            io.reset(ch.stream_id, ErrorCode.CANCEL, "upstream timeout")
-            return error_response(504, "upstream_timeout", f"worker {worker_id} sent no response within "
-                                  f"{cfg.upstream_timeout:g} s", request_id), Outcome.FAILED, None
-        except BodyStalled:
-            io.reset(ch.stream_id, ErrorCode.CANCEL, "request body stalled")
-            state.metrics.rejections.labels("body_stalled").inc()
-            return error_response(408, "body_timeout", f"the request body stalled for {cfg.client_body_timeout:g} s",
-                                  request_id, close=True), None, None
-        except BodyTooLarge:
-            io.reset(ch.stream_id, ErrorCode.CANCEL, "request body too large")
-            state.metrics.rejections.labels("body_too_large").inc()
-            return error_response(413, "body_too_large", f"request body exceeds the limit of {cfg.max_body} bytes",
-                                  request_id, close=True), None, None
-        tunnel = time.monotonic() - t_sent
-        if is_load_signal(rhead.status, rhead.headers):
-            outcome = Outcome.SHED
-        else:
-            outcome = Outcome.OK if rhead.status < 500 else Outcome.FAILED
-        # A refusal comes back fast: as a latency sample it would make a
-        # busy worker look like the fastest one.
-        sample = None if outcome is Outcome.SHED else tunnel
-        worker_timing = [v for n, v in rhead.headers if n.lower() == "server-timing"]
-        headers = end_to_end(rhead.headers, RESPONSE_DROP)
-        if (bad := undecodable_header(headers)) is not None:
-            log.warning("request %s: dropping response header %r from worker %s: not UTF-8", request_id, bad,
-                        worker_id)
-            headers = [(n, v) for n, v in headers if undecodable_header([(n, v)]) is None]
-        content_length = _content_length(rhead.headers)
-        rtt = session.rtt
-        extra = [timing_entry("lb", lb), timing_entry("tunnel", tunnel)]
-        if rtt is not None:
-            extra.append(timing_entry("tunnel_rtt", rtt))
-        expects_body = request.method != "HEAD" and rhead.status not in NO_BODY_STATUSES and rhead.status >= 200
-        if not expects_body or (content_length is not None and content_length <= cfg.buffer_response):
-            try:
-                data = await _read_all(io, ch, cfg.idle_timeout, content_length if expects_body else 0)
-            except (StreamError, TimeoutError) as exc:
-                io.reset(ch.stream_id, ErrorCode.CANCEL, "response broke off")
-                log.warning("request %s: response from worker %s broke off: %s", request_id, worker_id,
-                            exc or "timeout")
-                return error_response(502, "worker_failed", f"the response from worker {worker_id} broke off",
-                                      request_id), Outcome.FAILED, None
-            io.release(ch.stream_id)
-            if outcome is Outcome.SHED and pump is not None and not pump.done():
-                await _settle_pump(io, ch, pump, body)
-            extra.append(timing_entry("edge", time.monotonic() - started))
-            resp = web.Response(status=rhead.status, body=data, headers=_multidict(headers))
-            resp.headers["Server-Timing"] = merge_server_timing(worker_timing, *extra)
-            if request.method == "HEAD" and content_length is not None:
-                resp.headers["Content-Length"] = str(content_length)
-            return resp, outcome, sample
-        # Streamed: SSE, chunked or large bodies are flushed as they arrive.
-        extra.append(timing_entry("edge", time.monotonic() - started))
-        sresp = web.StreamResponse(status=rhead.status, headers=_multidict(headers))
-        sresp.headers["Server-Timing"] = merge_server_timing(worker_timing, *extra)
-        if content_length is not None:
-            sresp.content_length = content_length
-        await sresp.prepare(request)
-        try:
-            while True:
-                async with asyncio.timeout(cfg.idle_timeout):
-                    chunk = await ch.read()
-                if chunk is None:
-                    break
-                await sresp.write(chunk)
-                io.acknowledge(ch, len(chunk))
-        except (StreamError, TimeoutError) as exc:
-            # Headers are gone already: the only honest signal left is to
-            # cut the connection so the client sees a truncated response.
-            log.warning("request %s: response from worker %s broke off: %s", request_id, worker_id, exc or "timeout")
-            io.reset(ch.stream_id, ErrorCode.CANCEL, "response broke off")
-            if request.transport is not None:
-                request.transport.abort()
-            return sresp, Outcome.FAILED, None
-        io.release(ch.stream_id)
-        await sresp.write_eof()
-        return sresp, outcome, sample
+        rhead = await _await_head(att, has_body)
+        if not isinstance(rhead, ResponseHead):
+            return rhead
+        att.t_head = time.monotonic()
+        if _buffered(att, rhead):
+            return await _answer_buffered(att, rhead)
+        return await _answer_streamed(att, rhead)
     except asyncio.CancelledError:
         # The client went away: cancel the stream so the worker cancels the upstream request.
         io.reset(ch.stream_id, ErrorCode.CANCEL, "client disconnected")
-        if pump is not None and not pump.done():
+        if upload is not None and upload.running:
             # Gone mid-upload while the pump waited on the tunnel, not on the
-            # client (else the pump's own end reports it, see _upload_ended).
+            # client (else the upload's own end reports it).
             _upload_aborted(state, request_id, worker_id, pool, body, "connection closed")
         raise
     finally:
-        if pump is not None and not pump.done():
+        if upload is not None:
             # The worker answered before the whole body was sent (an early
             # error), or we gave up: stop uploading and close the stream.
-            pump.cancel()
-            if ch.stream_id in io.channels or io.conn.is_open(ch.stream_id):
-                io.reset(ch.stream_id, ErrorCode.CANCEL, "request abandoned")
+            upload.stop("request abandoned")
 
 
-def _upload_ended(state: EdgeState, pump: asyncio.Task[None], request_id: str, worker_id: str, pool: str,
-                  body: RequestBody) -> None:
-    """Collect the end of a body upload. A client that cuts its upload off is
-    an ordinary event (counted, logged at info), not an asyncio error."""
-    if pump.cancelled():
-        return
-    exc = pump.exception()  # retrieved, so asyncio never reports it as lost
-    if exc is None or isinstance(exc, BodyTooLarge | BodyStalled | StreamError):
-        return  # a finished upload, or one answered by the handler (413/408/502)
-    if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):  # ConnectionResetError and kin
-        _upload_aborted(state, request_id, worker_id, pool, body, str(exc) or exc.__class__.__name__)
-        return
-    log.warning("request %s: upload to worker %s failed: %r", request_id, worker_id, exc)
+async def _await_head(att: Attempt, has_body: bool) -> ResponseHead | Result:
+    """The response head, or the answer that replaces it (timeout, stalled or
+    oversized body, failed worker); RetryElsewhere when it is safe to."""
+    cfg, io, ch = att.state.config, att.io, att.ch
+    try:
+        return await await_head(ch, att.upload, cfg.upstream_timeout)
+    except StreamError as exc:
+        replayable = not has_body or att.body.replayable
+        # Refused streams never reached the upstream; a lost tunnel may
+        # have, so only idempotent requests are retried after one.
+        lost = io.closed.is_set() and att.request.method in IDEMPOTENT
+        if replayable and (exc.retryable or lost):
+            log.info("request %s: worker %s did not take it (%s); retrying elsewhere", att.request_id,
+                     att.worker_id, exc)
+            raise RetryElsewhere() from None
+        log.warning("request %s to worker %s failed: %s", att.request_id, att.worker_id, exc)
+        return (error_response(502, "worker_failed", f"worker {att.worker_id} failed: {exc}", att.request_id),
+                Outcome.FAILED, None)
+    except TimeoutError:
+        io.reset(ch.stream_id, ErrorCode.CANCEL, "upstream timeout")
+        return (error_response(504, "upstream_timeout", f"worker {att.worker_id} sent no response within "
+                               f"{cfg.upstream_timeout:g} s", att.request_id), Outcome.FAILED, None)
+    except BodyStalled:
+        io.reset(ch.stream_id, ErrorCode.CANCEL, "request body stalled")
+        att.state.metrics.rejections.labels("body_stalled").inc()
+        return (error_response(408, "body_timeout", f"the request body stalled for {cfg.client_body_timeout:g} s",
+                               att.request_id, close=True), None, None)
+    except BodyTooLarge:
+        io.reset(ch.stream_id, ErrorCode.CANCEL, "request body too large")
+        att.state.metrics.rejections.labels("body_too_large").inc()
+        return (error_response(413, "body_too_large", f"request body exceeds the limit of {cfg.max_body} bytes",
+                               att.request_id, close=True), None, None)
+
+
+def _judge(att: Attempt, rhead: ResponseHead) -> tuple[Outcome, float | None]:
+    """What the head says about the worker, and the latency sample it gives."""
+    tunnel = att.t_head - att.t_sent
+    if is_load_signal(rhead.status, rhead.headers):
+        # A refusal comes back fast: as a latency sample it would make a
+        # busy worker look like the fastest one.
+        return Outcome.SHED, None
+    return (Outcome.OK if rhead.status < 500 else Outcome.FAILED), tunnel
+
+
+def _expects_body(att: Attempt, rhead: ResponseHead) -> bool:
+    return att.request.method != "HEAD" and rhead.status not in NO_BODY_STATUSES and rhead.status >= 200
+
+
+def _buffered(att: Attempt, rhead: ResponseHead) -> bool:
+    """Small answers with a Content-Length are read whole, so `edge` timing is complete."""
+    length = _content_length(rhead.headers)
+    return not _expects_body(att, rhead) or (length is not None and length <= att.state.config.buffer_response)
+
+
+def _head_out(att: Attempt, rhead: ResponseHead) -> tuple[CIMultiDict[str], list[str]]:
+    """The headers the client gets (end-to-end, decodable) and our timing entries."""
+    headers = end_to_end(rhead.headers, RESPONSE_DROP)
+    if (bad := undecodable_header(headers)) is not None:
+        log.warning("request %s: dropping response header %r from worker %s: not UTF-8", att.request_id, bad,
+                    att.worker_id)
+        headers = [(n, v) for n, v in headers if undecodable_header([(n, v)]) is None]
+    extra = [timing_entry("lb", att.lb), timing_entry("tunnel", att.t_head - att.t_sent)]
+    if (rtt := att.session.rtt) is not None:
+        extra.append(timing_entry("tunnel_rtt", rtt))
+    return CIMultiDict(headers), extra
+
+
+def _stamp_timing(att: Attempt, rhead: ResponseHead, resp: web.StreamResponse, extra: list[str]) -> None:
+    extra.append(timing_entry("edge", time.monotonic() - att.started))
+    resp.headers["Server-Timing"] = merge_server_timing(timing_values(rhead.headers), *extra)
+
+
+async def _answer_buffered(att: Attempt, rhead: ResponseHead) -> Result:
+    outcome, sample = _judge(att, rhead)
+    headers, extra = _head_out(att, rhead)
+    length = _content_length(rhead.headers)
+    io, ch = att.io, att.ch
+    try:
+        limit = (length or 0) if _expects_body(att, rhead) else 0
+        data = await io.read_all(ch, limit=limit, idle=att.state.config.idle_timeout)
+    except (StreamError, TimeoutError) as exc:
+        io.reset(ch.stream_id, ErrorCode.CANCEL, "response broke off")
+        log.warning("request %s: response from worker %s broke off: %s", att.request_id, att.worker_id,
+                    exc or "timeout")
+        return (error_response(502, "worker_failed", f"the response from worker {att.worker_id} broke off",
+                               att.request_id), Outcome.FAILED, None)
+    io.release(ch.stream_id)
+    if outcome is Outcome.SHED and att.upload is not None and att.upload.running:
+        await att.upload.settle()
+    resp = web.Response(status=rhead.status, body=data, headers=headers)
+    _stamp_timing(att, rhead, resp, extra)
+    if att.request.method == "HEAD" and length is not None:
+        resp.headers["Content-Length"] = str(length)
+    return resp, outcome, sample
+
+
+async def _answer_streamed(att: Attempt, rhead: ResponseHead) -> Result:
+    """SSE, chunked or large bodies, flushed as they arrive."""
+    outcome, sample = _judge(att, rhead)
+    headers, extra = _head_out(att, rhead)
+    io, ch = att.io, att.ch
+    sresp = web.StreamResponse(status=rhead.status, headers=headers)
+    _stamp_timing(att, rhead, sresp, extra)
+    if (length := _content_length(rhead.headers)) is not None:
+        sresp.content_length = length
+    await sresp.prepare(att.request)
+    try:
+        async for chunk in io.chunks(ch, idle=att.state.config.idle_timeout):
+            await sresp.write(chunk)
+    except (StreamError, TimeoutError) as exc:
+        # Headers are gone already: the only honest signal left is to
+        # cut the connection so the client sees a truncated response.
+        log.warning("request %s: response from worker %s broke off: %s", att.request_id, att.worker_id,
+                    exc or "timeout")
+        io.reset(ch.stream_id, ErrorCode.CANCEL, "response broke off")
+        if att.request.transport is not None:
+            att.request.transport.abort()
+        return sresp, Outcome.FAILED, None
+    io.release(ch.stream_id)
+    await sresp.write_eof()
+    return sresp, outcome, sample
 
 
 def _upload_aborted(state: EdgeState, request_id: str, worker_id: str, pool: str, body: RequestBody,
@@ -381,67 +381,6 @@ def _upload_aborted(state: EdgeState, request_id: str, worker_id: str, pool: str
     state.metrics.upload_aborts.labels(pool).inc()
     log.info("request %s: the client aborted its upload to worker %s after %d bytes (%s)", request_id, worker_id,
              body.read, cause)
-
-
-async def _settle_pump(io: TunnelIO, ch: StreamChannel, pump: asyncio.Task[None], body: RequestBody) -> None:
-    """The upstream answered "busy" before it had the whole body: stop the
-    upload, close the stream, and wait for the upload task to end, so that a
-    replay elsewhere starts from a complete buffer and nothing is left
-    running. A body that failed to read is not replayed."""
-    pump.cancel()
-    if ch.stream_id in io.channels or io.conn.is_open(ch.stream_id):
-        io.reset(ch.stream_id, ErrorCode.CANCEL, "request abandoned: upstream busy")
-    await asyncio.wait([pump])
-    if not pump.cancelled() and pump.exception() is not None:
-        body.replayable = False
-
-
-async def _pump_body(io: TunnelIO, ch: StreamChannel, body: RequestBody) -> None:
-    async for chunk in body.chunks():
-        await io.send_body(ch, chunk)
-    await io.send_body(ch, b"", end_stream=True)
-
-
-async def _await_head(ch: StreamChannel, pump: asyncio.Task[None] | None, timeout: float) -> ResponseHead:
-    """Wait for the response head while watching the body upload for errors."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    waits: set[asyncio.Future[Any]] = {ch.head}
-    if pump is not None:
-        waits.add(pump)
-    while True:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            raise TimeoutError()
-        done, _ = await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-        if ch.head in done:
-            return ch.head.result()
-        if pump is not None and pump in done:
-            exc = pump.exception()
-            if isinstance(exc, BodyTooLarge | BodyStalled):
-                raise exc
-            if exc is not None and not isinstance(exc, StreamError):
-                # Reading the client's body failed: the client is gone.
-                raise asyncio.CancelledError()
-            waits.discard(pump)
-        if not done:
-            raise TimeoutError()
-
-
-async def _read_all(io: TunnelIO, ch: StreamChannel, idle: float, limit: int | None) -> bytes:
-    parts = []
-    size = 0
-    while True:
-        async with asyncio.timeout(idle):
-            chunk = await ch.read()
-        if chunk is None:
-            break
-        parts.append(chunk)
-        size += len(chunk)
-        io.acknowledge(ch, len(chunk))
-        if size > (limit or 0):
-            raise StreamError("response longer than its Content-Length")
-    return b"".join(parts)
 
 
 def _content_length(headers: tuple[tuple[str, str], ...]) -> int | None:
@@ -454,5 +393,4 @@ def _content_length(headers: tuple[tuple[str, str], ...]) -> int | None:
     return None
 
 
-def _multidict(headers: list[tuple[str, str]]) -> CIMultiDict[str]:
-    return CIMultiDict(headers)
+

@@ -260,8 +260,7 @@ class EdgeSession:
         try:
             async with asyncio.timeout(timeout):
                 head = await asyncio.shield(ch.head)
-                while (chunk := await ch.read()) is not None:
-                    self.io.acknowledge(ch, len(chunk))
+                await self.io.read_all(ch)
             self.io.release(ch.stream_id)
             if 200 <= head.status < 300:
                 return True, ""

@@ -31,6 +31,7 @@ from multidict import CIMultiDict
 
 from httpcontract.timing import entry as timing_entry
 from httpcontract.timing import merge as merge_server_timing
+from httpcontract.timing import values as timing_values
 from relay.headers import end_to_end
 from relay.io import StreamChannel, TunnelIO
 from relay.websocket import DOWN, WsRelay
@@ -152,7 +153,7 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
             io.reset(ch.stream_id, ErrorCode.CANCEL, "client disconnected")
             raise
         tunnel = time.monotonic() - t_sent
-        worker_timing = [v for n, v in rhead.headers if n.lower() == "server-timing"]
+        worker_timing = timing_values(rhead.headers)
         extra = [timing_entry("lb", lb), timing_entry("tunnel", tunnel)]
         if session.rtt is not None:
             extra.append(timing_entry("tunnel_rtt", session.rtt))
