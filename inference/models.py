@@ -273,73 +273,75 @@ def googlenet_onnx(graph: Path, cache_dir: Path) -> Path:
 
 def resolve(model: str, backend: str, *, weights: str | None = None, model_dir: str | None = None,
             cache_dir: str | Path | None = None, offline: bool = False) -> ModelPlan:
+    """What it takes to load `model` on `backend`: files found (or fetched,
+    unless offline) now, so that a missing one is one clear error at start."""
+    _check_combination(model, backend)
+    backends.check_available(backend)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if model == "efficientnet-lite0":
+        return _plan_efficientnet(backend, weights, cache)
+    if model == "inception-v3":
+        return _plan_inception(backend, weights, cache, offline)
+    return _plan_googlenet(backend, model_dir, cache, offline)
+
+
+def _check_combination(model: str, backend: str) -> None:
     if model not in SUPPORTED:
         raise ModelUnavailable(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
     if backend not in BACKENDS:
         raise ModelUnavailable(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend not in SUPPORTED[model]:
         raise ModelUnavailable(f"--model {model} runs on --backend {' or '.join(SUPPORTED[model])}, not {backend}")
-    backends.check_available(backend)
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
 
-    if model == "efficientnet-lite0":
-        source = _efficientnet_source(weights)
-        pre = Preprocess(size=224, resize=256, mean=127.5, scale=1 / 127.5)
-        labels = imagenet_labels()
 
-        def load_effnet(threads: ThreadPlan | None) -> Classifier:
-            if backend == "tensorflow":
-                predict = backends.tensorflow_predict(efficientnet_keras(source, cache))
-            else:
-                predict = backends.onnx_predict(backend, efficientnet_onnx(source, cache), threads)
-            return Classifier(model, backend, pre, labels, predict)
-        return ModelPlan(model, backend, pre, source, _load=load_effnet)
+def _plan_efficientnet(backend: str, weights: str | None, cache: Path) -> ModelPlan:
+    model = "efficientnet-lite0"
+    source = _efficientnet_source(weights)
+    pre = Preprocess(size=224, resize=256, mean=127.5, scale=1 / 127.5)
+    labels = imagenet_labels()
 
-    if model == "inception-v3":
-        pre = Preprocess(size=299, resize=342, mean=127.5, scale=1 / 127.5)
-        keras_home = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
-        candidates = [Path(weights)] if weights else [keras_home / "models" / INCEPTION_V3_FILE,
-                                                     cache / INCEPTION_V3_FILE]
-        found = next((p for p in candidates if p.is_file()), None)
-        fix = (f"supply {INCEPTION_V3_FILE} with --weights FILE (or put it in {keras_home / 'models'}), "
-               "or use --model efficientnet-lite0, which works offline")
-        if found is None:
-            if weights:
-                raise ModelUnavailable(f"weights file {weights} not found; {fix}")
-            if offline:
-                raise ModelUnavailable(f"inception-v3 weights not found and --offline is set; {fix}")
-            found = cache / INCEPTION_V3_FILE
-            _download(INCEPTION_V3_URL, found, "the InceptionV3 ImageNet weights (92 MB)", fix)
+    def load_effnet(threads: ThreadPlan | None) -> Classifier:
+        if backend == "tensorflow":
+            predict = backends.tensorflow_predict(efficientnet_keras(source, cache))
+        else:
+            predict = backends.onnx_predict(backend, efficientnet_onnx(source, cache), threads)
+        return Classifier(model, backend, pre, labels, predict)
+    return ModelPlan(model, backend, pre, source, _load=load_effnet)
 
-        h5: Path = found
 
-        def load_inception(threads: ThreadPlan | None) -> Classifier:
-            import keras
-            net = keras.applications.InceptionV3(weights=str(h5))
-            return Classifier(model, backend, pre, imagenet_labels(), backends.tensorflow_predict(net))
-        return ModelPlan(model, backend, pre, h5, _load=load_inception)
+def _plan_inception(backend: str, weights: str | None, cache: Path, offline: bool) -> ModelPlan:
+    model = "inception-v3"
+    pre = Preprocess(size=299, resize=342, mean=127.5, scale=1 / 127.5)
+    keras_home = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
+    candidates = [Path(weights)] if weights else [keras_home / "models" / INCEPTION_V3_FILE,
+                                                 cache / INCEPTION_V3_FILE]
+    found = next((p for p in candidates if p.is_file()), None)
+    fix = (f"supply {INCEPTION_V3_FILE} with --weights FILE (or put it in {keras_home / 'models'}), "
+           "or use --model efficientnet-lite0, which works offline")
+    if found is None:
+        if weights:
+            raise ModelUnavailable(f"weights file {weights} not found; {fix}")
+        if offline:
+            raise ModelUnavailable(f"inception-v3 weights not found and --offline is set; {fix}")
+        found = cache / INCEPTION_V3_FILE
+        _download(INCEPTION_V3_URL, found, "the InceptionV3 ImageNet weights (92 MB)", fix)
+    h5: Path = found
 
-    # googlenet: the seed's OpenCV model, inception5h
+    def load_inception(threads: ThreadPlan | None) -> Classifier:
+        import keras
+        net = keras.applications.InceptionV3(weights=str(h5))
+        return Classifier(model, backend, pre, imagenet_labels(), backends.tensorflow_predict(net))
+    return ModelPlan(model, backend, pre, h5, _load=load_inception)
+
+
+def _plan_googlenet(backend: str, model_dir: str | None, cache: Path, offline: bool) -> ModelPlan:
+    """The seed's OpenCV model (inception5h), read as ONNX converted once."""
+    model = "googlenet"
     pre = Preprocess(size=224, resize=224, mean=117.0, scale=1.0)
     directory = Path(model_dir) if model_dir else cache / "inception5h"
     graph, label_file = directory / GOOGLENET_GRAPH, directory / GOOGLENET_LABELS
-    fix = (f"put {GOOGLENET_GRAPH} and {GOOGLENET_LABELS} (from inception5h.zip) in a directory and pass "
-           "--model-dir DIR, or use --model efficientnet-lite0, which works offline")
     if not (graph.is_file() and label_file.is_file()):
-        if model_dir:
-            raise ModelUnavailable(f"{graph if not graph.is_file() else label_file} not found; {fix}")
-        if offline:
-            raise ModelUnavailable(f"googlenet files not found in {directory} and --offline is set; {fix}")
-        archive = cache / "inception5h.zip"
-        _download(GOOGLENET_URL, archive, "the inception5h GoogLeNet graph (48 MB)", fix)
-        try:
-            with zipfile.ZipFile(archive) as z:
-                for name in (GOOGLENET_GRAPH, GOOGLENET_LABELS):
-                    member = next(m for m in z.namelist() if m.endswith(name))
-                    _extract(z, member, directory / name)
-        except (zipfile.BadZipFile, StopIteration) as exc:
-            raise ModelUnavailable(f"{archive} is not the inception5h archive ({exc!r}); delete it and retry") from None
-
+        _fetch_googlenet(directory, model_dir, cache, offline)
     onnx_file = googlenet_onnx_path(graph, cache)
     if not onnx_file.is_file():
         googlenet_converter_check()
@@ -349,3 +351,22 @@ def resolve(model: str, backend: str, *, weights: str | None = None, model_dir: 
         return Classifier(model, backend, pre, names,
                           backends.onnx_predict(backend, googlenet_onnx(graph, cache), threads))
     return ModelPlan(model, backend, pre, graph, _load=load_googlenet)
+
+
+def _fetch_googlenet(directory: Path, model_dir: str | None, cache: Path, offline: bool) -> None:
+    graph, label_file = directory / GOOGLENET_GRAPH, directory / GOOGLENET_LABELS
+    fix = (f"put {GOOGLENET_GRAPH} and {GOOGLENET_LABELS} (from inception5h.zip) in a directory and pass "
+           "--model-dir DIR, or use --model efficientnet-lite0, which works offline")
+    if model_dir:
+        raise ModelUnavailable(f"{graph if not graph.is_file() else label_file} not found; {fix}")
+    if offline:
+        raise ModelUnavailable(f"googlenet files not found in {directory} and --offline is set; {fix}")
+    archive = cache / "inception5h.zip"
+    _download(GOOGLENET_URL, archive, "the inception5h GoogLeNet graph (48 MB)", fix)
+    try:
+        with zipfile.ZipFile(archive) as z:
+            for name in (GOOGLENET_GRAPH, GOOGLENET_LABELS):
+                member = next(m for m in z.namelist() if m.endswith(name))
+                _extract(z, member, directory / name)
+    except (zipfile.BadZipFile, StopIteration) as exc:
+        raise ModelUnavailable(f"{archive} is not the inception5h archive ({exc!r}); delete it and retry") from None
