@@ -7,13 +7,14 @@ both ways (relay/websocket.py) until either side closes."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 
 import aiohttp
 from multidict import CIMultiDict
 
+from httpcontract import problem
+from httpcontract.timing import entries as timing_entries
 from httpcontract.timing import entry as timing_entry
 from relay.headers import end_to_end
 from relay.io import StreamChannel, TunnelIO
@@ -44,9 +45,10 @@ def _protocols(head: RequestHead) -> list[str]:
     return out
 
 
-async def _answer_error(io: TunnelIO, ch: StreamChannel, status: int, error: str, detail: str, t0: float) -> None:
-    body = json.dumps({"error": error, "detail": detail}).encode()
-    head = ResponseHead(status, (("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+async def _answer_error(io: TunnelIO, ch: StreamChannel, status: int, error: str, detail: str, t0: float,
+                        request_id: str | None = None) -> None:
+    body = problem.encode(status, error, detail, request_id)
+    head = ResponseHead(status, (("Content-Type", problem.CONTENT_TYPE), ("Content-Length", str(len(body))),
                                  ("Server-Timing", timing_entry("agent", time.monotonic() - t0))))
     try:
         io.conn.send_response(ch.stream_id, head)
@@ -62,6 +64,7 @@ async def serve(io: TunnelIO, ch: StreamChannel, head: RequestHead, http: aiohtt
     t0 = time.monotonic()
     sid = ch.stream_id
     headers = end_to_end(head.headers, DROP)
+    rid = next((v for n, v in head.headers if n.lower() == "x-request-id"), None)
     try:
         async with asyncio.timeout(timeout):
             ws = await http.ws_connect(
@@ -73,22 +76,23 @@ async def serve(io: TunnelIO, ch: StreamChannel, head: RequestHead, http: aiohtt
         status = exc.status if 200 <= exc.status <= 599 and exc.status != 101 else 502
         log.info("upstream refused the WebSocket upgrade of %s: %s %s", head.target, exc.status, exc.message)
         await _answer_error(io, ch, status, "upgrade_refused",
-                            f"the worker's upstream answered the upgrade with {exc.status}: {exc.message}", t0)
+                            f"the worker's upstream answered the upgrade with {exc.status}: {exc.message}", t0, rid)
         return
     except aiohttp.ClientConnectorError as exc:
         log.warning("upstream unreachable for WebSocket %s: %s", head.target, exc.os_error)
-        await _answer_error(io, ch, 502, "upstream_failed", f"the worker's upstream is unreachable: {exc.os_error}", t0)
+        await _answer_error(io, ch, 502, "upstream_failed", f"the worker's upstream is unreachable: {exc.os_error}", t0,
+                            rid)
         return
     except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
         what = "did not answer in time" if isinstance(exc, TimeoutError) else f"failed: {exc.__class__.__name__} {exc}"
         log.warning("upstream WebSocket %s %s", head.target, what)
         status = 504 if isinstance(exc, TimeoutError) else 502
         await _answer_error(io, ch, status, "upstream_timeout" if status == 504 else "upstream_failed",
-                            f"the worker's upstream {what}", t0)
+                            f"the worker's upstream {what}", t0, rid)
         return
     try:
         now = time.monotonic()
-        out = [("Server-Timing", f"{timing_entry('upstream', now - t0)}, {timing_entry('agent', now - t0)}")]
+        out = [("Server-Timing", timing_entries([("upstream", now - t0), ("agent", now - t0)]))]
         if ws.protocol:
             out.append(("Sec-WebSocket-Protocol", ws.protocol))
         try:
