@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from runtime.settings import option
+from runtime.settings import option, validated
 from tunnel import PeerSettings
-from tunnel.handshake import is_valid_health_path
+from tunnel.handshake import HEALTH_PATH_RULE, is_valid_health_path
 
 from .health import HealthPolicy
 from .overload import LimitPolicy
@@ -20,13 +20,6 @@ def parse_hostport(value: str) -> str:
     host, _, port = value.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    return value
-
-
-def parse_health_path(value: str) -> str:
-    if not is_valid_health_path(value):
-        raise argparse.ArgumentTypeError(f"{value!r} must be a path starting with one '/', printable ASCII without "
-                                         "spaces")
     return value
 
 
@@ -80,7 +73,7 @@ class EdgeConfig:
     # How far a worker's concurrency drops while it sheds load (503 +
     # Retry-After, 429) and how fast it comes back (recovery_time, 0 = off).
     shed_limit: LimitPolicy = field(default_factory=LimitPolicy)
-    health_path: str = option("/healthz", group=TUNNELS, parse=parse_health_path,
+    health_path: str = option("/healthz", group=TUNNELS, parse=validated(is_valid_health_path, HEALTH_PATH_RULE),
                               help="path of the active checks for agents that declare none in their HELLO (older "
                                    "agents); an agent's own --health-path always wins")
     # Rate limits (per client key); 0 disables

@@ -24,14 +24,14 @@ from relay.headers import end_to_end
 from relay.io import StreamChannel, TunnelIO
 from tunnel import ErrorCode, RequestHead, ResponseHead, StreamError
 
-from .errors import error_response
+from .errors import EdgeError, error_response
 from .overload import is_load_signal
 from .registry import NoWorkerAvailable
 from .session import EdgeSession, HeadTooLarge
 from .upload import BodyStalled, BodyTooLarge, RequestBody, Upload, await_head
 
 if TYPE_CHECKING:
-    from .registry import Worker
+    from .registry import Lease, Worker
     from .state import EdgeState
 
 log = logging.getLogger(__name__)
@@ -112,20 +112,38 @@ def request_head(request: web.Request, target: str, request_id: str) -> RequestH
     return RequestHead(request.method, target, tuple(headers))
 
 
+def check_pool(state: EdgeState, pool_name: str) -> None:
+    """EdgeError 404 unless the pool exists (named by the client: never trusted)."""
+    if pool_name not in state.registry.pools:
+        known = ", ".join(state.registry.pool_names()) or "none"
+        raise EdgeError(f"no pool named {pool_name!r}; known pools: {known}", status=404, code="unknown_pool")
+
+
+def check_headers(request: web.Request) -> None:
+    if (bad := undecodable_header(list(request.headers.items()))) is not None:
+        raise EdgeError(f"header {bad!r} has bytes that are not UTF-8", status=400, code="bad_header")
+
+
+async def acquire(state: EdgeState, pool_name: str) -> Lease:
+    """A slot on a worker of the pool, or EdgeError 503 (with Retry-After)."""
+    try:
+        return await state.registry.acquire(pool_name, state.config.queue_timeout)
+    except NoWorkerAvailable as exc:
+        state.metrics.rejections.labels("no_worker").inc()
+        raise EdgeError(str(exc), status=503, code="no_worker",
+                        headers={"Retry-After": str(max(1, round(exc.retry_after)))}) from None
+
+
 async def handle(state: EdgeState, request: web.Request, pool_name: str, target: str, request_id: str,
                  started: float) -> web.StreamResponse:
     cfg = state.config
     reg = state.registry
-    if pool_name not in reg.pools:
-        known = ", ".join(reg.pool_names()) or "none"
-        return error_response(404, "unknown_pool", f"no pool named {pool_name!r}; known pools: {known}", request_id)
+    check_pool(state, pool_name)
     if request.content_length is not None and request.content_length > cfg.max_body:
         state.metrics.rejections.labels("body_too_large").inc()
         return error_response(413, "body_too_large", f"request body of {request.content_length} bytes exceeds the "
                               f"limit of {cfg.max_body}", request_id, close=True)
-    bad = undecodable_header(list(request.headers.items()))
-    if bad is not None:
-        return error_response(400, "bad_header", f"header {bad!r} has bytes that are not UTF-8", request_id)
+    check_headers(request)
     head = request_head(request, target, request_id)
     has_body = request.body_exists
     body = RequestBody(request, cfg.max_body, cfg.replay_buffer, cfg.client_body_timeout)
@@ -134,12 +152,7 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
     while True:
         t_lb = time.monotonic()
         if refused_by is None:
-            try:
-                lease = await reg.acquire(pool_name, cfg.queue_timeout)
-            except NoWorkerAvailable as exc:
-                state.metrics.rejections.labels("no_worker").inc()
-                return error_response(503, "no_worker", str(exc), request_id,
-                                      headers={"Retry-After": str(max(1, round(exc.retry_after)))})
+            lease = await acquire(state, pool_name)
         else:
             # The retry goes to another worker with a free slot now, or nowhere.
             retry_lease = reg.try_acquire(pool_name, exclude=refused_by)

@@ -40,7 +40,6 @@ from tunnel.wsmessages import Kind
 
 from . import proxy
 from .errors import error_response
-from .registry import NoWorkerAvailable
 from .session import EdgeSession, HeadTooLarge
 
 if TYPE_CHECKING:
@@ -98,27 +97,17 @@ def upgrade_head(request: web.Request, target: str, request_id: str, protocols: 
 async def handle(state: EdgeState, request: web.Request, pool_name: str, target: str, request_id: str,
                  started: float) -> web.StreamResponse:
     cfg = state.config
-    reg = state.registry
-    if pool_name not in reg.pools:
-        known = ", ".join(reg.pool_names()) or "none"
-        return error_response(404, "unknown_pool", f"no pool named {pool_name!r}; known pools: {known}", request_id)
+    proxy.check_pool(state, pool_name)
     probe = web.WebSocketResponse()
     if not probe.can_prepare(request).ok:
         return error_response(400, "bad_upgrade", "not a valid WebSocket handshake", request_id)
-    bad = proxy.undecodable_header(list(request.headers.items()))
-    if bad is not None:
-        return error_response(400, "bad_header", f"header {bad!r} has bytes that are not UTF-8", request_id)
+    proxy.check_headers(request)
     offered = offered_protocols(request)
     app_protocols = [p for p in offered if not _is_key(p)]
     key_protocols = [p for p in offered if _is_key(p)]
     head = upgrade_head(request, target, request_id, app_protocols)
     t_lb = time.monotonic()
-    try:
-        lease = await reg.acquire(pool_name, cfg.queue_timeout)
-    except NoWorkerAvailable as exc:
-        state.metrics.rejections.labels("no_worker").inc()
-        return error_response(503, "no_worker", str(exc), request_id,
-                              headers={"Retry-After": str(max(1, round(exc.retry_after)))})
+    lease = await proxy.acquire(state, pool_name)
     lb = time.monotonic() - t_lb
     state.metrics.queue_wait.labels(pool_name).observe(lb)
     ok: bool | None = None

@@ -44,6 +44,15 @@ def env_flag(name: str, environ: Mapping[str, str] | None = None) -> bool:
         raise ValueError(f"{name}: {exc}") from None
 
 
+def validated(check: Callable[[str], bool], rule: str) -> Callable[[str], str]:
+    """A parser that takes text as it is when `check` accepts it, else says `rule`."""
+    def parse(value: str) -> str:
+        if not check(value):
+            raise ValueError(f"{value!r} must be {rule}")
+        return value
+    return parse
+
+
 @dataclass(frozen=True, slots=True)
 class Option:
     """How one dataclass field is set from the command line and the environment.

@@ -196,6 +196,10 @@ def is_valid_name(value: str) -> bool:
     return bool(_NAME.match(value))
 
 
+HEALTH_PATH_RULE = "a path starting with one '/', printable ASCII without spaces, at most 1024 characters"
+NAME_RULE = "1-128 letters, digits, '.', '_', ':' or '-', starting with a letter or digit"
+
+
 def is_valid_health_path(value: str) -> bool:
     """Whether `value` may be a HELLO's `health_path` (checked before sending,
     so a bad setting is a start-up error rather than a refused tunnel)."""

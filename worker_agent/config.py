@@ -12,8 +12,8 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from runtime.settings import option
-from tunnel.handshake import is_valid_health_path, is_valid_name
+from runtime.settings import option, validated
+from tunnel.handshake import HEALTH_PATH_RULE, NAME_RULE, is_valid_health_path, is_valid_name
 
 EDGE = "The edge(s) and credentials"
 WORK = "The upstream and the work it takes"
@@ -26,20 +26,6 @@ def parse_label(value: str) -> tuple[str, str]:
     if not sep or not k:
         raise argparse.ArgumentTypeError(f"a label is KEY=VALUE, got {value!r}")
     return k, v
-
-
-def parse_agent_id(value: str) -> str:
-    if value and not is_valid_name(value):
-        raise argparse.ArgumentTypeError(f"{value!r} must be 1-128 letters, digits, '.', '_', ':' or '-', starting "
-                                         "with a letter or digit")
-    return value
-
-
-def parse_health_path(value: str) -> str:
-    if not is_valid_health_path(value):
-        raise argparse.ArgumentTypeError(f"{value!r} must be a path starting with one '/', printable ASCII without "
-                                         "spaces, at most 1024 characters")
-    return value
 
 
 def parse_capacity(value: str) -> int:
@@ -65,7 +51,7 @@ class AgentConfig:
     upstream: str = option("http://127.0.0.1:8000", group=WORK, metavar="URL", help="local inference server")
     pool: str = option("default", group=WORK, help="pool this worker serves")
     capacity: int = option(4, parse=parse_capacity, group=WORK, help="requests this worker takes at once")
-    agent_id: str = option("", flag="--id", env="AGENT_ID", group=WORK, parse=parse_agent_id,
+    agent_id: str = option("", flag="--id", env="AGENT_ID", group=WORK, parse=validated(lambda v: not v or is_valid_name(v), NAME_RULE),
                            show=lambda _: "HOSTNAME-UPSTREAMPORT-XXXX",
                            help="worker id, unique per edge; the edge refuses a second live process with the same id. "
                                 "The default (4 random hex digits at the end) is unique per process; set it for a "
@@ -74,7 +60,7 @@ class AgentConfig:
     labels: dict[str, str] = option(default_factory=dict, flag="--label", repeat=True, parse=parse_label,
                                     group=WORK, metavar="KEY=VALUE",
                                     help="KEY=VALUE shown at the edge; repeat (the variable is comma-separated)")
-    health_path: str = option("/healthz", group=WORK, parse=parse_health_path,
+    health_path: str = option("/healthz", group=WORK, parse=validated(is_valid_health_path, HEALTH_PATH_RULE),
                               help="upstream health path, probed by the agent and declared to the edge, whose active "
                                    "checks use it too, e.g. /v2/health/ready for KServe/Triton servers")
     health_interval: float = option(2.0, group=WORK, help="seconds between upstream health probes")
