@@ -26,6 +26,7 @@ from .state import STATE, EdgeState
 from .tunnel_endpoint import tunnel_endpoint
 
 log = logging.getLogger("edge_proxy")
+UNKNOWN_POOL = "_unknown"  # the metrics label of requests for a pool that does not exist
 
 
 async def route(request: web.Request) -> web.StreamResponse:
@@ -71,8 +72,11 @@ async def proxied(state: EdgeState, request: web.Request) -> web.StreamResponse:
         state.in_flight -= 1
         if state.in_flight == 0:
             state.idle.set()
-        state.metrics.requests.labels(pool, str(status)).inc()
-        state.metrics.duration.labels(pool).observe(time.monotonic() - started)
+        # The pool name is the client's text: only a pool the edge knows may
+        # become a label, or any key holder could create series without end.
+        label = pool if pool in state.registry.pools else UNKNOWN_POOL
+        state.metrics.requests.labels(label, str(status)).inc()
+        state.metrics.duration.labels(label).observe(time.monotonic() - started)
 
 
 async def drain(app: web.Application) -> None:

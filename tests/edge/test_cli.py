@@ -29,6 +29,19 @@ def test_keys_and_tokens_create_print_the_secret_alone_and_store_its_hash(tmp_pa
     assert r.returncode == 0 and auth.CredentialStore.load(keys).verify(secret) is None
 
 
+def test_keys_create_makes_a_non_admin_key_unless_admin_is_given(tmp_path):
+    keys = tmp_path / "keys.json"
+    plain = cli("-m", "edge_proxy", "keys", "create", "--file", str(keys), "--name", "app")
+    admin = cli("-m", "edge_proxy", "keys", "create", "--file", str(keys), "--name", "ops", "--admin")
+    assert plain.returncode == admin.returncode == 0, plain.stderr + admin.stderr
+    store = auth.CredentialStore.load(keys)
+    app, ops = store.verify(plain.stdout.strip()), store.verify(admin.stdout.strip())
+    assert app is not None and not app.admin and "not admin" in plain.stderr
+    assert ops is not None and ops.admin and "admin client key" in admin.stderr
+    both = cli("-m", "edge_proxy", "keys", "create", "--file", str(keys), "--name", "x", "--admin", "--no-admin")
+    assert both.returncode != 0 and "contradict" in both.stderr
+
+
 def test_certs_makes_a_ca_an_edge_certificate_and_worker_certificates(tmp_path):
     from cryptography import x509
 
