@@ -68,6 +68,10 @@ class CredentialStore:
             )
         return cls(creds)
 
+    def named(self, name: str) -> Credential | None:
+        """The credential called `name` (a browser session names its key)."""
+        return next((c for c in self._creds if c.name == name), None)
+
     def verify(self, secret: str | None) -> Credential | None:
         """The credential matching `secret`, compared in constant time against
         every stored digest (no early exit, so timing reveals nothing)."""

@@ -110,6 +110,11 @@ async def serve(cfg: EdgeConfig) -> None:
     scheme = "http" if cfg.insecure_http else "https"
     log.info("edge listening on %s://%s:%d (%d client keys, %d worker tokens)", scheme, cfg.host, cfg.port,
              len(keys), len(tokens))
+    shown = "THIS-HOST" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+    shown = f"[{shown}]" if ":" in shown else shown
+    log.info("inspector: %s://%s:%d/_edge/ (sign in with a client key created with `keys create --admin`; %s)",
+             "https", shown, cfg.port, f"keeps the last {cfg.inspector_requests} requests"
+             if cfg.inspector_requests else "recent requests off")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

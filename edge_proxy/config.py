@@ -36,6 +36,7 @@ TIMEOUTS = "Timeouts"
 TUNNELS = "Tunnels and health"
 CLIENTS = "Client rate limits"
 PROCESS = "Process"
+INSPECTOR = "The inspector (/_edge/)"
 
 
 @dataclass(slots=True)
@@ -94,6 +95,12 @@ class EdgeConfig:
     ws_idle_timeout: float = option(300.0, group=TIMEOUTS,
                                     help="seconds without a WebSocket message either way before the edge closes it "
                                          "(1001), 0 = never")
+    # The inspector (docs/operations.md, "The inspector")
+    inspector_requests: int = option(1000, group=INSPECTOR,
+                                     help="recent requests the inspector keeps (method, path without the query, "
+                                          "pool, worker, status, timings; no bodies or secrets), 0 = keep none")
+    inspector_session_ttl: float = option(8 * 3600.0, group=INSPECTOR,
+                                          help="seconds a browser stays signed in to the inspector")
     # Process
     malloc_trim_interval: float = option(30.0, group=PROCESS,
                                          help="seconds between returns of freed heap pages to the system (glibc "
