@@ -4,7 +4,7 @@
 "use strict";
 
 const MAX_RECORDS = 1000; // what the page keeps (the edge keeps --inspector-requests)
-const state = { records: [], lastSeq: 0, selected: null, overview: null, source: null, retry: null };
+const state = { records: [], lastSeq: 0, selected: null, overview: null, source: null, retry: null, rendered: "" };
 const $ = (id) => document.getElementById(id);
 
 function el(tag, text, cls) {
@@ -14,9 +14,11 @@ function el(tag, text, cls) {
   return e;
 }
 
+const NUMERIC = /^[-–0-9.,/ ()now]+$/; // figures (and "3 / 4", "2 (1 now)") are right-aligned
+
 function row(cells) {
   const tr = document.createElement("tr");
-  for (const c of cells) tr.appendChild(c instanceof Node ? c : el("td", c));
+  for (const c of cells) tr.appendChild(c instanceof Node ? c : el("td", c, NUMERIC.test(String(c)) ? "num" : ""));
   return tr;
 }
 
@@ -37,14 +39,14 @@ function fill(tbody, rows) {
 function windowCells(w) {
   if (!w) return ["–", "–", "–", "–", "–", "–"];
   const c = w.by_class;
-  return [fmt(w.rate_rps, 2), c["2xx"] + c["1xx"] + c["3xx"], c["4xx"], el("td", c["5xx"], c["5xx"] ? "s5" : ""),
+  return [fmt(w.rate_rps, 2), c["2xx"] + c["1xx"] + c["3xx"], c["4xx"], el("td", c["5xx"], c["5xx"] ? "num s5" : "num"),
           fmt(w.p50_ms, 2), fmt(w.p99_ms, 2)];
 }
 
 function renderPools(pools) {
   fill($("pools").tBodies[0], pools.map((p) => {
     const name = el("td", p.known ? p.name : p.name + " (no such pool)", "text");
-    const workers = el("td", `${p.available} / ${p.workers}`, p.workers && p.available === 0 ? "unhealthy" : "");
+    const workers = el("td", `${p.available} / ${p.workers}`, p.workers && p.available === 0 ? "num unhealthy" : "num");
     return row([name, workers, p.capacity, p.effective_capacity, p.in_flight, p.queue,
                 `${p.ejections}` + (p.ejected_now ? ` (${p.ejected_now} now)` : ""),
                 ...windowCells(p.minute), ...windowCells(p.hour)]);
@@ -94,6 +96,11 @@ function statusMatches(status, wanted) {
 function renderRequests() {
   if ($("f-pause").checked) return;
   const status = $("f-status").value, pool = $("f-pool").value, worker = $("f-worker").value;
+  // Unchanged input, unchanged rows: a rebuild under the pointer would swallow a click
+  // (the blur of a filter field fires "change" between mousedown and mouseup).
+  const key = JSON.stringify([status, pool, worker, state.lastSeq, state.records.length]);
+  if (key === state.rendered) return;
+  state.rendered = key;
   const shown = [];
   for (let i = state.records.length - 1; i >= 0 && shown.length < 300; i--) {
     const r = state.records[i];
@@ -106,12 +113,11 @@ function renderRequests() {
     const tr = row([
       new Date(r.at * 1000).toLocaleTimeString(), r.method,
       el("td", r.path + (r.query ? "?…" : ""), "path"), el("td", r.pool, "text"), el("td", r.worker || "–", "text"),
-      el("td", r.websocket && r.status === 101 ? "101 ws" : r.status, statusClass(r.status)),
+      el("td", r.websocket && r.status === 101 ? "101 ws" : r.status, "num " + statusClass(r.status)),
       fmt(r.duration_ms, 2), el("td", r.key || "–", "text"),
     ]);
     tr.dataset.id = r.request_id;
-    if (state.selected && state.selected.request_id === r.request_id) tr.className = "selected";
-    tr.addEventListener("click", () => showDetail(r));
+    if (state.selected && state.selected.request_id === r.request_id) tr.classList.add("selected");
     return tr;
   }));
 }
@@ -180,7 +186,7 @@ function showDetail(r) {
   else notes.push("Nested hops are centred in their parent: the network legs either side are not measured apart.");
   if (rtt !== undefined) notes.push(`Tunnel RTT from heartbeats: ${fmt(rtt, 2)} ms (a reading of the link, not a part of this request).`);
   $("d-note").textContent = notes.join(" ");
-  renderRequests();
+  for (const tr of $("requests").tBodies[0].rows) tr.classList.toggle("selected", tr.dataset.id === r.request_id);
 }
 
 function render(data) {
@@ -194,7 +200,8 @@ function render(data) {
   renderPools(data.pools);
   renderWorkers(data.workers);
   renderSockets(data.websockets);
-  if (data.requests && data.requests.length) {
+  const fresh = data.requests && data.requests.length;
+  if (fresh) {
     state.records.push(...data.requests);
     if (state.records.length > MAX_RECORDS) state.records.splice(0, state.records.length - MAX_RECORDS);
   }
@@ -203,7 +210,7 @@ function render(data) {
   const workers = new Set(data.workers.map((w) => w.id));
   for (const r of state.records) if (r.worker) workers.add(r.worker);
   setOptions($("f-worker"), Array.from(workers).sort());
-  renderRequests();
+  if (fresh) renderRequests(); // only when something arrived: a row being clicked stays put
 }
 
 function live(ok, text) {
@@ -236,6 +243,11 @@ function connect() {
 
 document.addEventListener("DOMContentLoaded", () => {
   if (!$("logout").dataset.user) $("logout").hidden = true; // opened with a header key, not a session
+  $("requests").tBodies[0].addEventListener("click", (ev) => {
+    const tr = ev.target.closest("tr");
+    const r = tr && state.records.find((x) => x.request_id === tr.dataset.id);
+    if (r) showDetail(r);
+  });
   for (const id of ["f-status", "f-pool", "f-worker", "f-pause"]) {
     $(id).addEventListener("input", renderRequests);
     $(id).addEventListener("change", renderRequests);
