@@ -30,6 +30,20 @@ def parse_health_path(value: str) -> str:
     return value
 
 
+def parse_count(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
+def parse_positive_seconds(value: str) -> float:
+    s = float(value)
+    if not s > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {value!r}")
+    return s
+
+
 LISTEN = "Where and how to listen"
 LIMITS = "Limits"
 TIMEOUTS = "Timeouts"
@@ -96,10 +110,10 @@ class EdgeConfig:
                                     help="seconds without a WebSocket message either way before the edge closes it "
                                          "(1001), 0 = never")
     # The inspector (docs/operations.md, "The inspector")
-    inspector_requests: int = option(1000, group=INSPECTOR,
+    inspector_requests: int = option(1000, group=INSPECTOR, parse=parse_count,
                                      help="recent requests the inspector keeps (method, path without the query, "
                                           "pool, worker, status, timings; no bodies or secrets), 0 = keep none")
-    inspector_session_ttl: float = option(8 * 3600.0, group=INSPECTOR,
+    inspector_session_ttl: float = option(8 * 3600.0, group=INSPECTOR, parse=parse_positive_seconds,
                                           help="seconds a browser stays signed in to the inspector")
     # Process
     malloc_trim_interval: float = option(30.0, group=PROCESS,

@@ -68,3 +68,10 @@ def test_agent_start_up_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "--health-path: 'v2/ready' must be a path" in r.stderr and "Traceback" not in r.stderr
     r = cli("-m", "worker_agent", "--edge", "wss://x/_edge/tunnel", "--token", "t", "--id", "../etc")
     assert r.returncode == 2 and "--id: '../etc' must be" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_inspector_options_refuse_values_that_make_no_sense() -> None:
+    r = cli("-m", "edge_proxy", "serve", "--inspector-requests", "-1")
+    assert r.returncode == 2 and "--inspector-requests" in r.stderr and "0 or more" in r.stderr
+    r = cli("-m", "edge_proxy", "serve", "--inspector-session-ttl", "0")
+    assert r.returncode == 2 and "--inspector-session-ttl" in r.stderr and "Traceback" not in r.stderr

@@ -161,6 +161,10 @@ async def test_recent_requests_keep_no_query_string_and_name_the_key_worker_and_
 
 async def test_the_ring_is_bounded_by_its_option_and_0_turns_it_off(system: System) -> None:
     edge = await _stack(system, "--inspector-requests", "3")
+    edge_proc = next(p for p in system.procs if p.name == "edge")
+    port = edge.rsplit(":", 1)[1]
+    assert f"inspector: https://127.0.0.1:{port}/_edge/" in edge_proc.log()  # serve names the URL
+    assert "keeps the last 3 requests" in edge_proc.log()
     http = system.http()
     for i in range(5):
         async with http.get(edge + f"/?n={i}", headers=system.auth()) as r:
