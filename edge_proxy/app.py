@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from httpcontract.timing import parse as parse_server_timing
 from runtime import allocator
 
 from . import admin, inspector_pages, proxy, websocket
@@ -88,11 +87,11 @@ async def proxied(state: EdgeState, request: web.Request) -> web.StreamResponse:
         state.metrics.requests.labels(label, str(status)).inc()
         state.metrics.duration.labels(label).observe(now - started)
         # The one place the inspector learns of a finished request (or WebSocket).
-        timing = parse_server_timing(resp.headers.getall("Server-Timing", [])) if resp is not None else {}
+        timing = ", ".join(resp.headers.getall("Server-Timing", [])) if resp is not None else ""
         state.inspector.record(now, time.time(), request_id=request[REQUEST_ID], method=request.method,
                                raw_path=request.raw_path, pool=label, worker=request.get(WORKER, ""),
                                status=status, duration=now - started, key=request.get(KEY_NAME, ""),
-                               timing=list(timing.items()), websocket=upgrade)
+                               server_timing=timing, websocket=upgrade)
 
 
 async def drain(app: web.Application) -> None:

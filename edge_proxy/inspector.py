@@ -10,8 +10,10 @@ key by its NAME only. See docs/operations.md, "The inspector"."""
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+from httpcontract.timing import parse as parse_server_timing
 
 from .rolling import RateWindow, RollingStats, WindowStats
 
@@ -20,6 +22,7 @@ WORKER = "edge_worker"  # the id of the worker that answered (proxy.py, websocke
 KEY_NAME = "edge_key_name"  # the NAME of the client key (middleware.authenticate)
 
 PATH_LIMIT = 256  # longer paths are cut (the record says so with a trailing "...")
+TIMING_LIMIT = 2048  # characters of Server-Timing kept (a worker could send any length)
 DEFAULT_LIMIT = 200  # records per query answer
 
 
@@ -36,14 +39,18 @@ class RequestRecord:
     status: int
     duration_ms: float
     key: str  # the client key's name
-    timing: tuple[tuple[str, float], ...]  # the response's Server-Timing entries, ms
+    server_timing: str  # the response's Server-Timing, as sent: parsed only when someone looks
     websocket: bool
+
+    def timing(self) -> list[tuple[str, float]]:
+        """(entry, ms) in header order."""
+        return list(parse_server_timing([self.server_timing]).items()) if self.server_timing else []
 
     def as_json(self) -> dict[str, object]:
         return {"seq": self.seq, "at": self.at, "request_id": self.request_id, "method": self.method,
                 "path": self.path, "query": self.query, "pool": self.pool, "worker": self.worker,
                 "status": self.status, "duration_ms": round(self.duration_ms, 3), "key": self.key,
-                "timing": [[n, round(v, 3)] for n, v in self.timing], "websocket": self.websocket}
+                "timing": [[n, round(v, 3)] for n, v in self.timing()], "websocket": self.websocket}
 
 
 def status_matches(status: int, wanted: str) -> bool:
@@ -88,9 +95,11 @@ class RecentRequests:
     def __iter__(self) -> Iterator[RequestRecord]:
         return iter(self._ring)
 
-    def add(self, **fields: object) -> RequestRecord:
+    def add(self, at: float, request_id: str, method: str, path: str, query: bool, pool: str, worker: str,
+            status: int, duration_ms: float, key: str, server_timing: str, websocket: bool) -> RequestRecord:
         self._seq += 1
-        rec = RequestRecord(seq=self._seq, **fields)  # type: ignore[arg-type]
+        rec = RequestRecord(self._seq, at, request_id, method, path, query, pool, worker, status, duration_ms, key,
+                            server_timing, websocket)
         self._ring.append(rec)
         return rec
 
@@ -151,17 +160,15 @@ class Inspector:
             self.recent = RecentRequests(self.capacity)
 
     def record(self, now: float, wall: float, *, request_id: str, method: str, raw_path: str, pool: str,
-               worker: str, status: int, duration: float, key: str, timing: Iterable[tuple[str, float]],
-               websocket: bool) -> None:
+               worker: str, status: int, duration: float, key: str, server_timing: str, websocket: bool) -> None:
         stats = self.pools.get(pool)
         if stats is None:
             stats = self.pools[pool] = RollingStats(self.started)
         stats.record(now, status, None if websocket and status == 101 else duration)
         if self.recent is not None:
             path, query = strip_query(raw_path)
-            self.recent.add(at=wall, request_id=request_id, method=method, path=path, query=query, pool=pool,
-                            worker=worker, status=status, duration_ms=duration * 1000, key=key,
-                            timing=tuple(timing), websocket=websocket)
+            self.recent.add(wall, request_id, method, path, query, pool, worker, status, duration * 1000, key,
+                            server_timing[:TIMING_LIMIT], websocket)
 
     def windows(self, pool: str, now: float) -> tuple[WindowStats, WindowStats] | None:
         stats = self.pools.get(pool)

@@ -90,7 +90,7 @@ def test_message_rate_over_the_last_seconds() -> None:
 # ------------------------------------------------------------------------------------------ recent requests
 def _add(ring: RecentRequests, i: int, status: int = 200, pool: str = "p", worker: str = "w") -> None:
     ring.add(at=float(i), request_id=f"r{i}", method="GET", path="/x", query=False, pool=pool, worker=worker,
-             status=status, duration_ms=1.0, key="k", timing=(), websocket=False)
+             status=status, duration_ms=1.0, key="k", server_timing="", websocket=False)
 
 
 def test_the_ring_keeps_the_last_n_newest_first_and_filters() -> None:
@@ -126,7 +126,7 @@ def test_the_query_string_is_dropped_and_long_paths_cut() -> None:
 def test_recorder_off_still_keeps_statistics() -> None:
     insp = Inspector(0, T0)
     insp.record(T0 + 1, 0.0, request_id="r", method="GET", raw_path="/?k=v", pool="p", worker="w", status=200,
-                duration=0.01, key="k", timing=[], websocket=False)
+                duration=0.01, key="k", server_timing="", websocket=False)
     assert insp.recent is None
     windows = insp.windows("p", T0 + 2)
     assert windows is not None and windows[0].count == 1
@@ -189,3 +189,16 @@ def test_csrf_token_is_bound_to_its_session() -> None:
 ])
 def test_same_origin(origin: str | None, host: str | None, ok: bool) -> None:
     assert same_origin(origin, host) is ok
+
+
+def test_hops_are_read_from_the_kept_server_timing_and_a_huge_header_is_cut() -> None:
+    insp = Inspector(10, T0)
+    insp.record(T0, 0.0, request_id="r", method="GET", raw_path="/", pool="p", worker="w", status=200,
+                duration=0.01, key="k", server_timing="app;dur=0.5, agent;dur=1.25, edge;dur=3", websocket=False)
+    insp.record(T0, 0.0, request_id="big", method="GET", raw_path="/", pool="p", worker="w", status=200,
+                duration=0.01, key="k", server_timing="x;dur=1, " * 10_000, websocket=False)
+    assert insp.recent is not None
+    rec = insp.recent.find("r")
+    assert rec is not None and rec.as_json()["timing"] == [["app", 0.5], ["agent", 1.25], ["edge", 3.0]]
+    big = insp.recent.find("big")
+    assert big is not None and len(big.server_timing) == 2048
