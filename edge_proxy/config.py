@@ -16,20 +16,6 @@ from .health import HealthPolicy
 from .overload import LimitPolicy
 
 
-def parse_hostport(value: str) -> str:
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    return value
-
-
-def parse_health_path(value: str) -> str:
-    if not is_valid_health_path(value):
-        raise argparse.ArgumentTypeError(f"{value!r} must be a path starting with one '/', printable ASCII without "
-                                         "spaces")
-    return value
-
-
 def parse_count(value: str) -> int:
     n = int(value)
     if n < 0:
@@ -42,6 +28,20 @@ def parse_positive_seconds(value: str) -> float:
     if not s > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {value!r}")
     return s
+
+
+def parse_hostport(value: str) -> str:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+def parse_health_path(value: str) -> str:
+    if not is_valid_health_path(value):
+        raise argparse.ArgumentTypeError(f"{value!r} must be a path starting with one '/', printable ASCII without "
+                                         "spaces")
+    return value
 
 
 LISTEN = "Where and how to listen"
