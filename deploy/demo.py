@@ -155,7 +155,7 @@ def main() -> int:
     keys, tokens = state / "client-keys.json", state / "worker-tokens.json"
     for f in (keys, tokens):
         f.unlink(missing_ok=True)
-    client_key = auth.create(keys, "demo", auth.CLIENT_KEY_PREFIX)
+    client_key = auth.create(keys, "demo", auth.CLIENT_KEY_PREFIX, admin=True)
     worker_token = auth.create(tokens, "demo-workers", auth.WORKER_TOKEN_PREFIX)
     (state / "worker-token").write_text(worker_token)
     os.chmod(state / "worker-token", 0o600)

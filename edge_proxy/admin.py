@@ -1,13 +1,14 @@
 """The edge's own pages: liveness and readiness (no credentials), and for
-admin keys the Prometheus metrics, the workers as JSON and the status page."""
+admin keys the Prometheus metrics and the workers as JSON (the inspector's
+pages are inspector_pages.py)."""
 
 from __future__ import annotations
 
-import html
 import time
 
 from aiohttp import web
 
+from .errors import EdgeError
 from .registry import Worker
 from .state import EdgeState
 
@@ -77,17 +78,4 @@ def admin_page(state: EdgeState, norm: str) -> web.Response:
     workers = [worker_info(w, now, state.config.health_path) for w in state.registry.workers.values()]
     if norm == "/_edge/workers":
         return web.json_response({"workers": workers, "pools": state.registry.pool_names()})
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(w[k]))}</td>" for k in
-                         ("id", "pool", "health", "health_detail", "tunnel_rtt_ms", "in_flight", "capacity",
-                          "served", "errors", "ewma_latency_ms")) + "</tr>"
-        for w in workers
-    )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>edge status</title>
-<meta http-equiv="refresh" content="2"><style>body{{font:14px system-ui,sans-serif;margin:2em}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}</style></head>
-<body><h1>Edge status</h1><p>{len(workers)} worker(s), {state.in_flight} request(s) in flight,
-up {time.time() - state.started:.0f} s{' &mdash; DRAINING' if state.draining else ''}</p>
-<table><tr><th>worker</th><th>pool</th><th>health</th><th>why</th><th>RTT ms</th><th>in flight</th><th>capacity</th>
-<th>served</th><th>errors</th><th>EWMA ms</th></tr>{rows}</table></body></html>"""
-    return web.Response(text=page, content_type="text/html")
+    raise EdgeError("no such edge endpoint", status=404, code="not_found")

@@ -1,7 +1,8 @@
 """The edge's aiohttp application: the middlewares (request id and errors,
 client auth), one route that sends each kind of request to its module
-(`admin`, `tunnel_endpoint`, `proxy`), graceful drain and shutdown, and the
-periodic heap trim. See docs/architecture.md for the concern -> module map."""
+(`admin`, `inspector_pages`, `tunnel_endpoint`, `proxy`), the recording of
+every proxied request (metrics, inspector), graceful drain and shutdown, and
+the periodic heap trim. See docs/architecture.md for the concern -> module map."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from aiohttp import web
 
 from runtime import allocator
 
-from . import admin, proxy, websocket
+from . import admin, inspector_pages, proxy, websocket
 from .auth import CredentialStore
+from .browser_session import SessionSigner
 from .config import EdgeConfig
 from .errors import EdgeError
+from .inspector import KEY_NAME, WORKER, Inspector
 from .middleware import NORMALIZED_PATH, REQUEST_ID, ROUTE, client_auth, request_context
 from .ratelimit import RateLimiter
 from .registry import Pool, Registry, Worker
@@ -26,6 +29,7 @@ from .state import STATE, EdgeState
 from .tunnel_endpoint import tunnel_endpoint
 
 log = logging.getLogger("edge_proxy")
+UNKNOWN_POOL = "_unknown"  # the metrics label of requests for a pool that does not exist
 
 
 async def route(request: web.Request) -> web.StreamResponse:
@@ -39,7 +43,10 @@ async def route(request: web.Request) -> web.StreamResponse:
     if kind is Route.TUNNEL:
         return await tunnel_endpoint(state, request, request[REQUEST_ID])
     if kind is Route.ADMIN:
-        return admin.admin_page(state, request[NORMALIZED_PATH])
+        page = await inspector_pages.handle_admin(state, request, request[NORMALIZED_PATH])
+        return page if page is not None else admin.admin_page(state, request[NORMALIZED_PATH])
+    if kind is Route.LOGIN:
+        return await inspector_pages.handle_login_route(state, request, request[NORMALIZED_PATH])
     if kind is Route.RESERVED:
         raise EdgeError("no such edge endpoint", status=404, code="not_found")
     if kind is Route.BAD_TARGET:
@@ -52,10 +59,12 @@ async def proxied(state: EdgeState, request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
     pool, target = proxy.resolve_pool(request)
     status = 500
+    upgrade = websocket.is_upgrade(request)
+    resp: web.StreamResponse | None = None
     state.in_flight += 1
     state.idle.clear()
     try:
-        if websocket.is_upgrade(request):
+        if upgrade:
             resp = await websocket.handle(state, request, pool, target, request[REQUEST_ID], started)
         else:
             resp = await proxy.handle(state, request, pool, target, request[REQUEST_ID], started)
@@ -71,8 +80,18 @@ async def proxied(state: EdgeState, request: web.Request) -> web.StreamResponse:
         state.in_flight -= 1
         if state.in_flight == 0:
             state.idle.set()
-        state.metrics.requests.labels(pool, str(status)).inc()
-        state.metrics.duration.labels(pool).observe(time.monotonic() - started)
+        # The pool name is the client's text: only a pool the edge knows may
+        # become a label, or any key holder could create series without end.
+        label = pool if pool in state.registry.pools else UNKNOWN_POOL
+        now = time.monotonic()
+        state.metrics.requests.labels(label, str(status)).inc()
+        state.metrics.duration.labels(label).observe(now - started)
+        # The one place the inspector learns of a finished request (or WebSocket).
+        timing = ", ".join(resp.headers.getall("Server-Timing", [])) if resp is not None else ""
+        state.inspector.record(now, time.time(), request_id=request[REQUEST_ID], method=request.method,
+                               raw_path=request.raw_path, pool=label, worker=request.get(WORKER, ""),
+                               status=status, duration=now - started, key=request.get(KEY_NAME, ""),
+                               server_timing=timing, websocket=upgrade)
 
 
 async def drain(app: web.Application) -> None:
@@ -122,6 +141,8 @@ def make_app(config: EdgeConfig, client_keys: CredentialStore, worker_tokens: Cr
                               on_ejection_capped=lambda w, first: _ejection_capped(state, w, first),
                               on_limited=_limited)
     state.registry.pools.setdefault("default", Pool("default"))
+    state.inspector = Inspector(config.inspector_requests, time.monotonic())
+    state.browser_sessions = SessionSigner(config.inspector_session_ttl)
     state.limiter = RateLimiter(config.rate_limit, config.rate_burst)
     state.auth_failures = RateLimiter(config.auth_failures_per_minute / 60.0, config.auth_failures_per_minute)
     app = web.Application(client_max_size=config.max_body, middlewares=[request_context, client_auth])

@@ -26,7 +26,7 @@ WORKER_TOKEN_PREFIX = "ewt_"
 class Credential:
     name: str
     digest: bytes
-    admin: bool = True  # may read /_edge/metrics, /_edge/workers, /_edge/
+    admin: bool = False  # may read /_edge/metrics, /_edge/workers and sign in to the inspector /_edge/
     rate: float | None = None  # requests/s override for this key
     burst: float | None = None
 
@@ -61,12 +61,16 @@ class CredentialStore:
                 Credential(
                     name=str(item["name"]),
                     digest=bytes.fromhex(item["sha256"]),
-                    admin=bool(item.get("admin", True)),
+                    admin=item.get("admin") is True,  # absent or not a boolean: not an admin
                     rate=item.get("rate"),
                     burst=item.get("burst"),
                 )
             )
         return cls(creds)
+
+    def named(self, name: str) -> Credential | None:
+        """The credential called `name` (a browser session names its key)."""
+        return next((c for c in self._creds if c.name == name), None)
 
     def verify(self, secret: str | None) -> Credential | None:
         """The credential matching `secret`, compared in constant time against
@@ -81,7 +85,7 @@ class CredentialStore:
         return found
 
 
-def create(path: str | Path, name: str, prefix: str, admin: bool = True, rate: float | None = None,
+def create(path: str | Path, name: str, prefix: str, admin: bool = False, rate: float | None = None,
            burst: float | None = None) -> str:
     """Append a new secret named `name` to the file; return the secret."""
     p = Path(path)

@@ -41,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         kc.add_argument("--file", required=True)
         kc.add_argument("--name", required=True)
         if kind == "keys":
-            kc.add_argument("--no-admin", action="store_true", help="this key may not read /_edge/ status pages")
+            kc.add_argument("--admin", action="store_true",
+                            help="this key may also read the edge's status (/_edge/metrics, /_edge/workers) and "
+                                 "sign in to the inspector /_edge/; without it the key can only send requests")
+            kc.add_argument("--no-admin", action="store_true", help=argparse.SUPPRESS)  # the default since issue 19
             kc.add_argument("--rate", type=float, help="requests/s for this key (default: the edge's --rate-limit)")
             kc.add_argument("--burst", type=float, help="burst for this key (default: max(1, rate))")
         kr = ksub.add_parser("revoke", help="remove a secret by name")
@@ -107,6 +110,11 @@ async def serve(cfg: EdgeConfig) -> None:
     scheme = "http" if cfg.insecure_http else "https"
     log.info("edge listening on %s://%s:%d (%d client keys, %d worker tokens)", scheme, cfg.host, cfg.port,
              len(keys), len(tokens))
+    shown = "THIS-HOST" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+    shown = f"[{shown}]" if ":" in shown else shown
+    log.info("inspector: %s://%s:%d/_edge/ (sign in with a client key created with `keys create --admin`; %s)",
+             "https", shown, cfg.port, f"keeps the last {cfg.inspector_requests} requests"
+             if cfg.inspector_requests else "recent requests off")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -133,10 +141,15 @@ def _command(args: argparse.Namespace) -> int:
     if args.command in ("keys", "tokens"):
         prefix = auth.CLIENT_KEY_PREFIX if args.command == "keys" else auth.WORKER_TOKEN_PREFIX
         if args.action == "create":
-            secret = auth.create(args.file, args.name, prefix, admin=not getattr(args, "no_admin", False),
+            if getattr(args, "admin", False) and getattr(args, "no_admin", False):
+                raise StartupError("--admin and --no-admin contradict each other; keys are not admin unless --admin")
+            secret = auth.create(args.file, args.name, prefix, admin=getattr(args, "admin", False),
                                  rate=getattr(args, "rate", None), burst=getattr(args, "burst", None))
             print(secret)
-            print(f"stored the hash of {args.name!r} in {args.file}; this secret is shown only once", file=sys.stderr)
+            kind = ("admin client key" if args.admin else "client key (not admin)") if args.command == "keys" \
+                else "worker token"
+            print(f"stored the hash of {kind} {args.name!r} in {args.file}; this secret is shown only once",
+                  file=sys.stderr)
         elif not auth.revoke(args.file, args.name):
             print(f"error: no credential named {args.name!r} in {args.file}", file=sys.stderr)
             return 1

@@ -16,6 +16,20 @@ from .health import HealthPolicy
 from .overload import LimitPolicy
 
 
+def parse_count(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
+def parse_positive_seconds(value: str) -> float:
+    s = float(value)
+    if not s > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {value!r}")
+    return s
+
+
 def parse_hostport(value: str) -> str:
     host, _, port = value.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -29,6 +43,7 @@ TIMEOUTS = "Timeouts"
 TUNNELS = "Tunnels and health"
 CLIENTS = "Client rate limits"
 PROCESS = "Process"
+INSPECTOR = "The inspector (/_edge/)"
 
 
 @dataclass(slots=True)
@@ -87,6 +102,12 @@ class EdgeConfig:
     ws_idle_timeout: float = option(300.0, group=TIMEOUTS,
                                     help="seconds without a WebSocket message either way before the edge closes it "
                                          "(1001), 0 = never")
+    # The inspector (docs/operations.md, "The inspector")
+    inspector_requests: int = option(1000, group=INSPECTOR, parse=parse_count,
+                                     help="recent requests the inspector keeps (method, path without the query, "
+                                          "pool, worker, status, timings; no bodies or secrets), 0 = keep none")
+    inspector_session_ttl: float = option(8 * 3600.0, group=INSPECTOR, parse=parse_positive_seconds,
+                                          help="seconds a browser stays signed in to the inspector")
     # Process
     malloc_trim_interval: float = option(30.0, group=PROCESS,
                                          help="seconds between returns of freed heap pages to the system (glibc "

@@ -25,6 +25,7 @@ from relay.io import StreamChannel, TunnelIO
 from tunnel import ErrorCode, RequestHead, ResponseHead, StreamError
 
 from .errors import EdgeError, error_response
+from .inspector import WORKER
 from .overload import is_load_signal
 from .registry import NoWorkerAvailable
 from .session import EdgeSession, HeadTooLarge
@@ -230,6 +231,7 @@ async def _exchange(state: EdgeState, request: web.Request, request_id: str, ses
     retry elsewhere. Raises RetryElsewhere when the worker never took it."""
     worker_id = session.worker.agent_id if session.worker else "?"
     pool = session.worker.pool if session.worker else "-"
+    request[WORKER] = worker_id  # for the inspector; the last attempt's worker wins
     try:
         ch = session.open_stream(head, end_stream=not has_body)
     except StreamError:

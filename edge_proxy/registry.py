@@ -122,7 +122,7 @@ class WorkerSnapshot:
 
 @dataclass(frozen=True, slots=True)
 class RegistrySnapshot:
-    """The registry's state as plain data, for metrics and status pages."""
+    """The registry's state as plain data, for metrics and the inspector."""
 
     workers: tuple[WorkerSnapshot, ...]
     waiting: dict[str, int]  # pool -> requests waiting for a slot

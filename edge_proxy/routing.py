@@ -10,7 +10,10 @@ from enum import Enum
 from urllib.parse import unquote
 
 PUBLIC_PATHS = {"/_edge/health": "health", "/_edge/ready": "ready"}
-ADMIN_PATHS = {"/_edge/metrics", "/_edge/workers", "/_edge/", "/_edge"}
+ADMIN_PATHS = {"/_edge/metrics", "/_edge/workers", "/_edge/", "/_edge", "/_edge/events", "/_edge/api/overview",
+               "/_edge/api/requests", "/_edge/logout"}
+LOGIN_PATH = "/_edge/login"
+STATIC_PREFIX = "/_edge/static/"
 TUNNEL_PATH = "/_edge/tunnel"
 
 
@@ -18,7 +21,8 @@ class Route(Enum):
     HEALTH = "health"  # liveness, no credentials
     READY = "ready"  # readiness, no credentials
     TUNNEL = "tunnel"  # agents dial in here with worker tokens
-    ADMIN = "admin"  # status pages: an admin client key
+    ADMIN = "admin"  # status pages and the inspector: an admin client key or a signed-in browser
+    LOGIN = "login"  # the inspector's sign-in form and its static files: no credentials
     RESERVED = "reserved"  # anything else under /_edge: never proxied
     BAD_TARGET = "bad_target"  # CONNECT or not origin-form
     PROXY = "proxy"  # everything else: a client key, then a worker
@@ -45,6 +49,8 @@ def classify(method: str, raw_path: str) -> tuple[Route, str]:
         return Route.TUNNEL, norm
     if norm in ADMIN_PATHS and raw_path.startswith("/_edge"):
         return Route.ADMIN, norm
+    if raw_path.startswith("/_edge") and (norm == LOGIN_PATH or norm.startswith(STATIC_PREFIX)):
+        return Route.LOGIN, norm
     if norm == "/_edge" or norm.startswith("/_edge/"):
         # Whatever its spelling, anything that resolves under /_edge is the edge's own.
         return Route.RESERVED, norm

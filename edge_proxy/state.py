@@ -13,7 +13,9 @@ from aiohttp import web
 from relay.websocket import WsRelay
 
 from .auth import CredentialStore
+from .browser_session import SessionSigner
 from .config import EdgeConfig
+from .inspector import Inspector
 from .metrics import EdgeMetrics
 from .ratelimit import RateLimiter
 from .registry import Registry, TunnelSession
@@ -34,6 +36,8 @@ class EdgeState:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     draining: bool = False
     started: float = field(default_factory=time.time)
+    inspector: Inspector = field(default_factory=lambda: Inspector(0, time.monotonic()))
+    browser_sessions: SessionSigner = field(default_factory=SessionSigner)  # the inspector's sign-ins
 
 
 STATE = web.AppKey("state", EdgeState)

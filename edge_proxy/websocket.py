@@ -40,6 +40,7 @@ from tunnel.wsmessages import Kind
 
 from . import proxy
 from .errors import error_response
+from .inspector import KEY_NAME, WORKER, LiveSocket
 from .session import EdgeSession, HeadTooLarge
 
 if TYPE_CHECKING:
@@ -114,6 +115,7 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
     try:
         session = lease.worker.live_session()
         worker_id = lease.worker.agent_id
+        request[WORKER] = worker_id  # for the inspector
         if not isinstance(session, EdgeSession):  # None: its last tunnel just closed
             return error_response(502, "worker_unavailable", f"worker {worker_id} is not accepting streams",
                                   request_id)
@@ -169,13 +171,19 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
             io.reset(ch.stream_id, ErrorCode.CANCEL, "client handshake failed")
             raise
         ok = True
-        relay = WsRelay(ws, io, ch, max_message=cfg.ws_max_message, lost_code=1001, lost_reason="client went away",
-                        tunnel_lost_reason="worker connection lost", idle_timeout=cfg.ws_idle_timeout,
-                        close_timeout=CLOSE_TIMEOUT, on_message=_counter(state, pool_name))
-        transport = request.transport
-        if transport is not None:
-            relay.abort_socket = transport.abort
-        await _relay(state, pool_name, request_id, worker_id, ws, relay)
+        live = state.inspector.socket_opened(time.monotonic(), time.time(), request_id, pool_name, worker_id,
+                                             request.raw_path, request.get(KEY_NAME, ""))
+        try:
+            relay = WsRelay(ws, io, ch, max_message=cfg.ws_max_message, lost_code=1001,
+                            lost_reason="client went away", tunnel_lost_reason="worker connection lost",
+                            idle_timeout=cfg.ws_idle_timeout, close_timeout=CLOSE_TIMEOUT,
+                            on_message=_counter(state, pool_name, live))
+            transport = request.transport
+            if transport is not None:
+                relay.abort_socket = transport.abort
+            await _relay(state, pool_name, request_id, worker_id, ws, relay)
+        finally:
+            state.inspector.socket_closed(request_id)
         return ws
     finally:
         lease.release(ok, None)
@@ -207,7 +215,7 @@ async def _relay(state: EdgeState, pool: str, request_id: str, worker_id: str, w
         log.info("websocket %s closed: %d %s", request_id, code, relay.close_reason)
 
 
-def _counter(state: EdgeState, pool: str) -> Callable[[str, Kind, int], None]:
+def _counter(state: EdgeState, pool: str, live: LiveSocket) -> Callable[[str, Kind, int], None]:
     m = state.metrics
     to_client = (m.ws_messages.labels(pool, "to_client"), m.ws_bytes.labels(pool, "to_client"))
     to_upstream = (m.ws_messages.labels(pool, "to_upstream"), m.ws_bytes.labels(pool, "to_upstream"))
@@ -217,6 +225,7 @@ def _counter(state: EdgeState, pool: str) -> Callable[[str, Kind, int], None]:
             msgs, nbytes = to_client if direction == DOWN else to_upstream
             msgs.inc()
             nbytes.inc(size)
+            (live.to_client if direction == DOWN else live.to_upstream).add(time.monotonic())
 
     return count
 

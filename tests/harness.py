@@ -105,7 +105,7 @@ class Pki:
     key: Path
     client_keys: Path
     worker_tokens: Path
-    client_key: str
+    client_key: str  # an admin client key
     plain_key: str  # a non-admin client key
     limited_key: str  # 5 requests/s, burst 5
     worker_token: str
@@ -120,7 +120,7 @@ def make_pki(d: Path) -> Pki:
     keys, tokens = d / "client-keys.json", d / "worker-tokens.json"
     return Pki(
         d, files["ca"], files["cert"], files["key"], keys, tokens,
-        client_key=auth.create(keys, "tester", auth.CLIENT_KEY_PREFIX),
+        client_key=auth.create(keys, "tester", auth.CLIENT_KEY_PREFIX, admin=True),
         plain_key=auth.create(keys, "plain", auth.CLIENT_KEY_PREFIX, admin=False),
         limited_key=auth.create(keys, "limited", auth.CLIENT_KEY_PREFIX, rate=5, burst=5),
         worker_token=auth.create(tokens, "workers", auth.WORKER_TOKEN_PREFIX),

@@ -35,7 +35,7 @@ from tunnel import (
 )
 
 from . import __version__, websocket
-from .backoff import Backoff
+from .backoff import AuthFailures, Backoff
 from .config import AgentConfig
 from .forward import forward
 
@@ -89,6 +89,7 @@ class TunnelClient:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._slots: dict[int, bool] = {}  # stream id -> is a health check, for streams holding a slot
         self._edge_draining = False
+        self.auth_failures = AuthFailures(agent.config.max_auth_failures)
 
     @property
     def name(self) -> str:
@@ -100,7 +101,7 @@ class TunnelClient:
         cfg = self.agent.config
         while not self.agent.stopping.is_set():
             started = time.monotonic()
-            refused = False
+            refused = token_refused = False
             try:
                 await self._session()
                 error = "edge closed the tunnel" if not self._edge_draining else "edge is draining"
@@ -114,8 +115,7 @@ class TunnelClient:
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 error = f"edge refused the tunnel with HTTP {status}"
-                if status == 401:
-                    error += ": the worker token is wrong (check --token / AGENT_TOKEN)"
+                token_refused = status == 401
             except ssl.SSLCertVerificationError as exc:
                 error = f"edge certificate not trusted ({exc.verify_message}): pass its CA with --ca"
             except (OSError, ConnectionClosed, TimeoutError, ProtocolError) as exc:
@@ -124,6 +124,13 @@ class TunnelClient:
                 self.connected.clear()
             if self.agent.stopping.is_set():
                 break
+            if token_refused:
+                delay = self._token_refused()
+                if delay is None:
+                    break
+                await self._wait(delay)
+                continue
+            self.auth_failures.reset()
             if time.monotonic() - started > STABLE_AFTER and not refused:
                 backoff.reset()
             delay = backoff.next_delay(refused)
@@ -134,10 +141,30 @@ class TunnelClient:
             elif not refused and (error != last_error or backoff.failures <= 1):
                 log.warning("tunnel %s: %s; reconnecting in %.2f s", self.name, error, delay)
             last_error = error
-            try:
-                await asyncio.wait_for(self.agent.stopping.wait(), delay)
-            except TimeoutError:
-                pass
+            await self._wait(delay)
+
+    async def _wait(self, delay: float) -> None:
+        try:
+            await asyncio.wait_for(self.agent.stopping.wait(), delay)
+        except TimeoutError:
+            pass
+
+    def _token_refused(self) -> float | None:
+        """The edge said 401 to our token: log (ever less often) and return
+        the wait before the next attempt (doubling), or None: give up."""
+        cfg = self.agent.config
+        v = self.auth_failures.record()
+        what = (f"edge refused the worker token with HTTP 401 ({v.attempt} attempt(s) in a row): the token from "
+                f"{cfg.token_source or '--token'} is not one the edge accepts (`edge-proxy tokens create` on the "
+                "edge prints a valid one)")
+        if v.give_up:
+            self.agent.fail(f"tunnel {self.name}: {what}; giving up after --max-auth-failures "
+                            f"{cfg.max_auth_failures}")
+            return None
+        if v.log:
+            log.error("tunnel %s: %s; retrying in %.0f s, logging again at attempt %d%s", self.name, what, v.delay,
+                      2 * v.attempt, "" if cfg.max_auth_failures else " (--max-auth-failures N to give up)")
+        return v.delay
 
     async def _session(self) -> None:
         cfg = self.agent.config
@@ -322,6 +349,7 @@ class Agent:
         self.idle = asyncio.Event()
         self.idle.set()
         self.stopping = asyncio.Event()
+        self.fatal: str | None = None  # set by `fail`
         self.upstream_healthy: bool | None = None
         self.upstream_detail = ""
         self.http: aiohttp.ClientSession
@@ -388,5 +416,12 @@ class Agent:
         log.info("agent stopped")
 
     def stop(self) -> None:
+        self.stopping.set()
+
+    def fail(self, reason: str) -> None:
+        """Stop for a reason that retrying cannot fix; the CLI exits with it."""
+        if self.fatal is None:
+            self.fatal = reason
+            log.error("%s", reason)
         self.stopping.set()
 

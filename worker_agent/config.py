@@ -42,6 +42,9 @@ class AgentConfig:
                                                   "edges (the variable is comma-separated)")
     token: str = option("", group=EDGE, secret=True, help="worker token (edge-proxy tokens create)")
     token_file: str | None = option(None, group=EDGE, metavar="FILE", help="file holding the worker token")
+    max_auth_failures: int = option(0, group=EDGE,
+                                    help="give up (exit 2) after the edge refused the worker token this many times "
+                                         "in a row; the waits between attempts double up to 60 s. 0 = never give up")
     ca: str | None = option(None, group=EDGE, metavar="FILE",
                             help="CA file that signs the edge certificate; unset = the system trust store")
     insecure: bool = option(False, group=EDGE,
@@ -76,6 +79,10 @@ class AgentConfig:
     log_level: str = option("info", group=PROCESS, choices=("debug", "info", "warning", "error"), help="log level")
     loop: str = option("auto", group=PROCESS, choices=("auto", "uvloop", "asyncio"),
                        help="event loop: auto picks uvloop when installed")
+
+    # Where the token came from, as the operator spelled it ("--token-file /x",
+    # "AGENT_TOKEN", ...), for messages; set by the CLI, not an option.
+    token_source: str = ""
 
     def __post_init__(self) -> None:
         if not self.agent_id:

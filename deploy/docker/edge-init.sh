@@ -40,7 +40,7 @@ if [ ! -s "$private_dir/client-key" ]; then
     if grep -qF "\"$client_name\"" "$edge_dir/client-keys.json" 2>/dev/null; then
         edge-proxy keys revoke --file "$edge_dir/client-keys.json" --name "$client_name" >/dev/null
     fi
-    edge-proxy keys create --file "$edge_dir/client-keys.json" --name "$client_name" > "$private_dir/client-key.tmp"
+    edge-proxy keys create --file "$edge_dir/client-keys.json" --name "$client_name" --admin > "$private_dir/client-key.tmp"
     mv "$private_dir/client-key.tmp" "$private_dir/client-key"
     echo "edge-init: client API key '$client_name' written to $private_dir/client-key" >&2
 fi

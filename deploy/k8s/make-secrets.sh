@@ -47,7 +47,7 @@ done
 edge-proxy certs --out "$out/pki" "$@"
 
 if [ ! -s "$out/client-key" ]; then
-    edge-proxy keys create --file "$out/client-keys.json" --name k8s-admin > "$out/client-key"
+    edge-proxy keys create --file "$out/client-keys.json" --name k8s-admin --admin > "$out/client-key"
 fi
 for w in opencv tf-gpu; do
     if [ ! -s "$out/$w.token" ]; then

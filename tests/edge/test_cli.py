@@ -29,6 +29,19 @@ def test_keys_and_tokens_create_print_the_secret_alone_and_store_its_hash(tmp_pa
     assert r.returncode == 0 and auth.CredentialStore.load(keys).verify(secret) is None
 
 
+def test_keys_create_makes_a_non_admin_key_unless_admin_is_given(tmp_path):
+    keys = tmp_path / "keys.json"
+    plain = cli("-m", "edge_proxy", "keys", "create", "--file", str(keys), "--name", "app")
+    admin = cli("-m", "edge_proxy", "keys", "create", "--file", str(keys), "--name", "ops", "--admin")
+    assert plain.returncode == admin.returncode == 0, plain.stderr + admin.stderr
+    store = auth.CredentialStore.load(keys)
+    app, ops = store.verify(plain.stdout.strip()), store.verify(admin.stdout.strip())
+    assert app is not None and not app.admin and "not admin" in plain.stderr
+    assert ops is not None and ops.admin and "admin client key" in admin.stderr
+    both = cli("-m", "edge_proxy", "keys", "create", "--file", str(keys), "--name", "x", "--admin", "--no-admin")
+    assert both.returncode != 0 and "contradict" in both.stderr
+
+
 def test_certs_makes_a_ca_an_edge_certificate_and_worker_certificates(tmp_path):
     from cryptography import x509
 
@@ -55,3 +68,10 @@ def test_agent_start_up_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "--health-path: 'v2/ready' must be a path" in r.stderr and "Traceback" not in r.stderr
     r = cli("-m", "worker_agent", "--edge", "wss://x/_edge/tunnel", "--token", "t", "--id", "../etc")
     assert r.returncode == 2 and "--id: '../etc' must be" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_inspector_options_refuse_values_that_make_no_sense() -> None:
+    r = cli("-m", "edge_proxy", "serve", "--inspector-requests", "-1")
+    assert r.returncode == 2 and "--inspector-requests" in r.stderr and "0 or more" in r.stderr
+    r = cli("-m", "edge_proxy", "serve", "--inspector-session-ttl", "0")
+    assert r.returncode == 2 and "--inspector-session-ttl" in r.stderr and "Traceback" not in r.stderr

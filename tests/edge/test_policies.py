@@ -277,3 +277,20 @@ def test_backoff_after_a_refusal_skips_quick_retries_and_waits_at_least_the_floo
     assert all(d >= 2.0 for d in delays)
     assert all(d <= max(2.0, hi) for d, hi in zip(delays, [0.5, 1, 2, 4, 8, 16, 30, 30], strict=True))
     assert max(delays) > 4.0  # and it grows
+
+
+# --------------------------------------------------------------- a refused worker token (worker_agent/backoff.py)
+@pytest.mark.parametrize(("max_failures", "attempts", "gives_up_at"), [(0, 40, None), (3, 3, 3), (1, 1, 1)])
+def test_refused_token_waits_double_to_a_cap_logs_ever_less_often_and_gives_up_at_the_limit(
+        max_failures: int, attempts: int, gives_up_at: int | None) -> None:
+    from worker_agent.backoff import AuthFailures
+
+    policy = AuthFailures(max_failures, base=1.0, cap=60.0, rng=random.Random(7))
+    verdicts = [policy.record() for _ in range(attempts)]
+    for v in verdicts:
+        full = min(60.0, 2.0 ** (v.attempt - 1))
+        assert full / 2 <= v.delay <= full  # jittered, never above the doubling nor the cap
+    assert [v.attempt for v in verdicts if v.log] == [n for n in (1, 2, 4, 8, 16, 32) if n <= attempts]
+    assert [v.attempt for v in verdicts if v.give_up] == ([] if gives_up_at is None else [gives_up_at])
+    policy.reset()
+    assert policy.record().attempt == 1

@@ -100,7 +100,7 @@ def wait_workers(t: Topology, key: str, ca: Path, names: list[str], timeout: flo
 def start_edge_and_upstream(t: Topology, tmp_path: Path) -> tuple[str, str, Path]:
     pki = tmp_path / "pki"
     files = certs.make_all(pki, ["localhost", EDGE_CLIENT_SIDE, EDGE_ROUTER_SIDE, ROUTER])
-    key = auth.create(pki / "keys.json", "client", auth.CLIENT_KEY_PREFIX)
+    key = auth.create(pki / "keys.json", "client", auth.CLIENT_KEY_PREFIX, admin=True)  # reads /_edge/workers
     token = auth.create(pki / "tokens.json", "workers", auth.WORKER_TOKEN_PREFIX)
     t.start("upstream", "workers", [PY, str(ROOT / "tests" / "relay" / "upstream.py"), str(UPSTREAM_PORT), "0.0.0.0"])
     t.start("edge", "edge", [PY, "-m", "edge_proxy", "serve", "--listen", "0.0.0.0:8443", "--cert", str(files["cert"]),
