@@ -15,7 +15,7 @@ from aiohttp import web
 
 from runtime import allocator
 
-from . import admin, inspector_pages, proxy, websocket
+from . import admin, heads, inspector_pages, proxy, websocket
 from .auth import CredentialStore
 from .browser_session import SessionSigner
 from .config import EdgeConfig
@@ -57,7 +57,7 @@ async def route(request: web.Request) -> web.StreamResponse:
 async def proxied(state: EdgeState, request: web.Request) -> web.StreamResponse:
     """A request for a worker, counted per pool and in the drain's in-flight count."""
     started = time.monotonic()
-    pool, target = proxy.resolve_pool(request)
+    pool, target = heads.resolve_pool(request)
     status = 500
     upgrade = websocket.is_upgrade(request)
     resp: web.StreamResponse | None = None

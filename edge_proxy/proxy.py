@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,6 +24,7 @@ from relay.io import StreamChannel, TunnelIO
 from tunnel import ErrorCode, RequestHead, ResponseHead, StreamError
 
 from .errors import EdgeError, error_response
+from .heads import RESPONSE_DROP, request_head, undecodable_header
 from .inspector import WORKER
 from .overload import is_load_signal
 from .registry import NoWorkerAvailable
@@ -37,27 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-POOL_PREFIX = re.compile(r"^/pools/([A-Za-z0-9][A-Za-z0-9._:-]{0,127})(/.*)?$")
-CHUNK = 64 * 1024
-# Headers the edge owns: whatever a client sends under these names is dropped
-# and, where it applies, set by the edge itself.
-EDGE_OWNED = frozenset(
-    {
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        "x-forwarded-port",
-        "forwarded",
-        "x-real-ip",
-        "authorization",  # client credentials never travel to workers
-        "x-api-key",
-        "x-edge-health-check",
-        "host",
-        "content-length",
-        "expect",  # answered by the edge itself (100-continue); the body then streams normally
-    }
-)
-RESPONSE_DROP = frozenset({"content-length", "server-timing", "date", "server"})
 NO_BODY_STATUSES = {204, 304}
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
@@ -73,44 +52,6 @@ class Outcome(enum.Enum):
     OK = "ok"
     FAILED = "failed"  # 5xx, timeout, broken response: counts towards ejection
     SHED = "shed"  # 503 + Retry-After or 429: busy, not broken (overload.is_load_signal)
-
-
-def resolve_pool(request: web.Request) -> tuple[str, str]:
-    """(pool name, target path for the worker) from `/pools/<name>/...` or `X-Pool`."""
-    raw = request.raw_path
-    m = POOL_PREFIX.match(raw.split("?", 1)[0])
-    if m:
-        rest = m.group(2) or "/"
-        query = raw[len(raw.split("?", 1)[0]) :]
-        return m.group(1), rest + query
-    return request.headers.get("X-Pool", "default"), raw
-
-
-def undecodable_header(headers: list[tuple[str, str]]) -> str | None:
-    """The name of the first header whose value is not valid UTF-8 (aiohttp
-    keeps such bytes as surrogate escapes, which no HTTP client can send on)."""
-    for name, value in headers:
-        # isascii() is the fast common case; only non-ASCII values are scanned.
-        if not value.isascii() and any("\udc80" <= c <= "\udcff" for c in value):
-            return name
-    return None
-
-
-def request_head(request: web.Request, target: str, request_id: str) -> RequestHead:
-    headers = end_to_end(request.headers.items(), EDGE_OWNED)
-    host = request.headers.get("Host", "")
-    headers.append(("Host", host))
-    headers.append(("X-Forwarded-For", request.remote or ""))
-    headers.append(("X-Forwarded-Proto", request.scheme))
-    if host:
-        headers.append(("X-Forwarded-Host", host))
-    headers = [(n, v) for n, v in headers if n.lower() != "x-request-id"]
-    headers.append(("X-Request-ID", request_id))
-    if request.content_length is not None:
-        headers.append(("Content-Length", str(request.content_length)))
-    elif request.body_exists:
-        headers.append(("Transfer-Encoding", "chunked"))
-    return RequestHead(request.method, target, tuple(headers))
 
 
 def check_pool(state: EdgeState, pool_name: str) -> None:

@@ -38,7 +38,7 @@ from relay.websocket import DOWN, WsRelay
 from tunnel import ErrorCode, RequestHead, StreamError
 from tunnel.wsmessages import Kind
 
-from . import proxy
+from . import heads, proxy
 from .errors import error_response
 from .inspector import KEY_NAME, WORKER, LiveSocket
 from .session import EdgeSession, HeadTooLarge
@@ -87,7 +87,7 @@ def _is_key(protocol: str) -> bool:
 def upgrade_head(request: web.Request, target: str, request_id: str, protocols: list[str]) -> RequestHead:
     """The head the worker sees: the HTTP head (no credentials, edge-owned
     forwarding headers) minus the client's handshake, plus the intent."""
-    base = proxy.request_head(request, target, request_id)
+    base = heads.request_head(request, target, request_id)
     headers = [(n, v) for n, v in base.headers if n.lower() not in HANDSHAKE_FIELDS]
     headers.append(("Upgrade", "websocket"))
     if protocols:
@@ -249,8 +249,8 @@ async def _refusal(io: TunnelIO, ch: StreamChannel, status: int, headers: tuple[
         io.reset(ch.stream_id, ErrorCode.CANCEL, "refusal broke off")
         return error_response(502, "worker_failed", "the worker's refusal of the upgrade broke off", request_id)
     io.release(ch.stream_id)
-    out = end_to_end(headers, proxy.RESPONSE_DROP)
-    out = [(n, v) for n, v in out if proxy.undecodable_header([(n, v)]) is None]
+    out = end_to_end(headers, heads.RESPONSE_DROP)
+    out = [(n, v) for n, v in out if heads.undecodable_header([(n, v)]) is None]
     resp = web.Response(status=status, body=b"".join(parts), headers=CIMultiDict(out))
     resp.headers["Server-Timing"] = merge_server_timing(worker_timing, *extra,
                                                         timing_entry("edge", time.monotonic() - started))
