@@ -112,7 +112,7 @@ def render(results: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
         for i, (n, pts) in enumerate(curves):
             c.line(pts, n, PALETTE[i % len(PALETTE)], dots=True)
         chart = c.render()
-    trees = "".join(f'<div class="tree"><h3>{escape(n)}</h3>{_tree_table(r)}</div>'
+    trees = "".join(f'<div class="run-tree"><h3>{escape(n)}</h3>{_tree_table(r)}</div>'
                     for n, r in zip(names, results, strict=True))
     runs = "".join(f"<li><b>{escape(n)}</b>: {escape(str(r.get('command')))} {escape(str(r.get('url')))} "
                    f"({escape(load_text(r.get('config') or {}))})</li>" for n, r in zip(names, results, strict=True))
