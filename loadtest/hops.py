@@ -148,9 +148,9 @@ def labels(loopback: bool) -> dict[str, str]:
     return {
         "latency": "latency", "client_wait": "waiting to send",
         "net_client": "client <-> server: loopback (no network)" if loopback else "client <-> server: network",
-        "edge": "edge", "lb": "choosing a worker (lb)", "edge_internal": "edge itself",
+        "edge": "edge", "lb": "choosing a worker", "edge_internal": "edge itself",
         "tunnel": "tunnel", "net_edge_worker": "tunnel transit", "agent": "agent",
-        "agent_internal": "agent itself", "upstream": "upstream (agent -> app)",
+        "agent_internal": "agent itself", "upstream": "upstream: agent -> app",
         "agent_overhead": "agent <-> app HTTP", "app": "app (inference server)",
         "decode": "decode", "preprocess": "preprocess", "queue": "batch queue", "infer": "infer",
         "postprocess": "postprocess", "app_other": "app other",
