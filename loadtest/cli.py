@@ -19,26 +19,52 @@ from rich.text import Text
 
 from . import compare, report, slo, stats, streamcli, summary
 from .client import UsageError, machine
-from .options import check_writable, console, err, non_negative, positive, write
+from .options import (
+    HelpFormatter,
+    check_writable,
+    console,
+    err,
+    examples,
+    non_negative,
+    positive,
+    write,
+)
 from .runner import Run, RunConfig, install_stop_on_signals
 from .schedule import ARRIVALS
 
 EPILOG = """\
 examples:
   loadtest ping --url http://127.0.0.1:8000/ --rate 200 --duration 30 --json direct.json
-  loadtest classify --url https://edge:8443/photo --api-key $KEY --ca pki/ca.pem --pool opencv-dnn \\
-      --concurrency 8 --requests 1000 --html classify.html
-  loadtest ping --url https://edge:8443/ --api-key $KEY --ca pki/ca.pem --sweep 100,200,400,800 --duration 10
-  loadtest stream --url wss://edge:8443/stream --api-key $KEY --ca pki/ca.pem --fps 30 --streams 8 \
+  EDGE_KEY="$(cat secrets/client-key)"
+  loadtest ping --url https://edge:8443/ --api-key "$EDGE_KEY" --ca pki/ca.pem --pool opencv-dnn \\
+      --rate 200 --duration 30 --json edge.json --slo 'p99<100ms'
+  loadtest classify --url https://edge:8443/photo --api-key "$EDGE_KEY" --ca pki/ca.pem --pool opencv-dnn \\
+      --rate 10 --duration 10 --html classify.html
+  loadtest ping --url https://edge:8443/ --api-key "$EDGE_KEY" --ca pki/ca.pem --sweep 100,200,400,800 --duration 10
+  loadtest stream --url wss://edge:8443/stream --api-key "$EDGE_KEY" --ca pki/ca.pem --fps 30 --streams 8 \\
       --duration 20 --frame-bytes 50000 --html stream.html
-  loadtest stream --url ws://127.0.0.1:8000/stream --fps 30 --duration 10 --capacity
-  loadtest compare direct.json edge.json
+  loadtest compare direct.json edge.json --html compare.html
   loadtest report edge.json --html edge.html
 
 Latency is measured from each request's intended send time in open loop
 (--rate), so a stall is charged to every request it delays; see
-docs/loadtesting.md for every statistic and hop.
+docs/loadtesting.md for every statistic and hop. Exit status: 0 ok, 1 no
+request succeeded, 2 bad usage, 3 unexpected error, 4 an --slo violated.
 """
+
+
+SUBCOMMAND_EPILOGS = {
+    "ping": examples(
+        "loadtest ping --url http://127.0.0.1:8000/ --rate 200 --duration 30 --json direct.json",
+        'loadtest ping --url https://edge:8443/ --api-key "$EDGE_KEY" --ca pki/ca.pem --pool default \\',
+        "    --rate 100 --duration 10 --html edge.html --slo 'p99<50ms' --slo 'error_rate<1%'",
+        'loadtest ping --url https://edge:8443/ --api-key "$EDGE_KEY" --ca pki/ca.pem --sweep 50,100,200,400 '
+        "--duration 10"),
+    "classify": examples(
+        "loadtest classify --url http://127.0.0.1:8000/photo --rate 10 --duration 10 --html direct.html",
+        'loadtest classify --url https://edge:8443/photo --api-key "$EDGE_KEY" --ca pki/ca.pem --pool opencv-dnn \\',
+        "    --concurrency 8 --requests 1000 --json classify.json"),
+}
 
 
 def _rates(value: str) -> list[float]:
@@ -59,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("ping", "GET the URL: delay and jitter"),
                        ("classify", "POST images to the URL (an inference server's /photo): checks every answer "
                                     "and counts labels")):
-        s = sub.add_parser(name, help=what, description=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        s = sub.add_parser(name, help=what, description=what, formatter_class=HelpFormatter,
+                           epilog=SUBCOMMAND_EPILOGS[name])
         s.add_argument("--url", required=True, help="the URL: an inference server, the edge, or any HTTP(S) server")
         s.add_argument("--api-key", default=os.environ.get("LOADTEST_API_KEY"),
                        help="sent as 'Authorization: Bearer KEY' (LOADTEST_API_KEY)")
@@ -99,21 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     streamcli.add_parser(sub)
 
     c = sub.add_parser("compare", help="results side by side (e.g. direct vs through the edge), with the "
-                       "differences from the first", epilog=COMPARE_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       "differences from the first", epilog=examples(
+                           "loadtest compare direct.json edge.json",
+                           "loadtest compare direct.json edge.json --html compare.html"), formatter_class=HelpFormatter)
     c.add_argument("files", nargs="+", metavar="FILE.json")
     c.add_argument("--html", metavar="OUT", help="write an HTML page: overlaid percentile curves, hop trees")
-    r = sub.add_parser("report", help="summary table and HTML report of a saved JSON result")
+    r = sub.add_parser("report", help="summary table and HTML report of a saved JSON result",
+                       formatter_class=HelpFormatter, epilog=examples("loadtest report edge.json --html edge.html"))
     r.add_argument("file", metavar="FILE.json")
     r.add_argument("--html", metavar="OUT", help="write the HTML report here")
     return p
-
-
-COMPARE_EPILOG = """\
-examples:
-  loadtest compare direct.json edge.json
-  loadtest compare direct.json edge.json --html compare.html
-"""
 
 
 def _slo(value: str) -> slo.Slo:

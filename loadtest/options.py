@@ -57,3 +57,20 @@ def check_writable(*paths: str | None) -> None:
             parent = Path(path).resolve().parent
             if not parent.is_dir() or not os.access(parent, os.W_OK):
                 raise UsageError(f"cannot write {path}: {parent} is not a writable directory")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each default printed once: appended only when there is one (not
+    None, False or empty) and the help text does not already say it; the
+    epilog's examples kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if "default" in text or d is None or d is False or d == [] or d is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {ln}" for ln in lines)

@@ -19,7 +19,16 @@ from rich.text import Text
 from .capacity import CapacitySearch
 from .client import UsageError, machine
 from .frames import load_frames
-from .options import check_writable, console, err, non_negative, positive, write
+from .options import (
+    HelpFormatter,
+    check_writable,
+    console,
+    err,
+    examples,
+    non_negative,
+    positive,
+    write,
+)
 from .runner import install_stop_on_signals
 from .stream import StreamConfig, StreamRun
 
@@ -34,7 +43,11 @@ def _threshold(value: str) -> float:
 def add_parser(sub: Any) -> None:
     what = ("live streams of frames over WebSockets, like cameras: latency, jitter, drops and deadline misses "
             "per frame; --capacity finds how many streams keep up")
-    s = sub.add_parser("stream", help=what, description=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s = sub.add_parser("stream", help=what, description=what, formatter_class=HelpFormatter, epilog=examples(
+        "loadtest stream --url ws://127.0.0.1:8000/stream --fps 30 --duration 10",
+        'loadtest stream --url wss://edge:8443/stream --api-key "$EDGE_KEY" --ca pki/ca.pem --pool opencv-dnn \\',
+        "    --fps 10 --duration 5 --html stream.html",
+        "loadtest stream --url ws://127.0.0.1:8000/stream --fps 30 --duration 10 --capacity"))
     s.add_argument("--url", required=True, help="the WebSocket URL, ws:// or wss:// (an inference server's /stream, "
                    "the edge, or any WebSocket server: a plain echo works too)")
     s.add_argument("--api-key", default=os.environ.get("LOADTEST_API_KEY"),

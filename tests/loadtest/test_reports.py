@@ -213,3 +213,12 @@ def test_charts_hover_values_log_axis_for_decades_and_series_order():
     body = lt[:lt.index("</svg>")]
     assert body.index("<title>max per second") < body.index("<title>p50 per second") \
         < body.index("<title>p99 per second")
+
+
+@pytest.mark.parametrize("command", ["ping", "classify", "stream", "compare", "report"])
+def test_every_subcommand_help_has_examples_and_prints_each_default_once(command: str):
+    r = loadtest(command, "--help")
+    assert r.returncode == 0
+    assert "examples:" in r.stdout and f"loadtest {command} " in r.stdout
+    assert "(default: None)" not in r.stdout and "(default: False)" not in r.stdout
+    assert not re.search(r"default[^()]*\)\s*\(default:", r.stdout.replace("\n", " "))
