@@ -38,6 +38,8 @@ def diff(base: Any, other: Any) -> str:
     if not isinstance(base, int | float) or not isinstance(other, int | float):
         return "-"
     d = other - base
+    if isinstance(base, int) and isinstance(other, int):
+        return f"{d:+d}" + (f" ({d / base:+.1%})" if base else "")
     pct = f" ({d / base:+.1%})" if base else ""
     return f"{d:+.2f}{pct}"
 
@@ -83,9 +85,9 @@ def print_compare(results: Sequence[dict[str, Any]], names: Sequence[str], conso
                       f", started {r.get('started_at')})", highlight=False)
     cpus = {(r.get("machine") or {}).get("cpus_usable") for r in results}
     if any(c is not None and c <= 2 for c in cpus):
-        console.print("note: on 2 cores the load tester, the edge, the agents and the servers share the CPU; "
-                      "differences of a few percent between runs are within that noise.", style="dim",
-                      highlight=False)
+        console.print("note: on 2 cores the load tester, the edge, the agents and the servers share the CPU: the "
+                      "tails (p99 and beyond) of identical runs differ by tens of percent; read the p50s, and repeat "
+                      "a run before trusting a difference in the tail.", style="dim", highlight=False)
 
 
 def render(results: Sequence[dict[str, Any]], names: Sequence[str]) -> str:

@@ -113,9 +113,12 @@ def _latency_over_time(res: dict[str, Any], run: Run | None) -> str:
     c = Chart("plot-latency-time", title, "seconds since the first measured send", "latency ms", xs, ys)
     # Drawn back to front: the dots, then max (thin, grey), p50, and p99 on top.
     c.points(pts, "each request", "#7a95b0")
-    c.line(series["max"], "max per second", "#9e9e9e", width=1.0)
+    # With under 100 requests in a second its p99 is its max: one line, named so.
+    same = series["p99"] == series["max"]
+    if not same:
+        c.line(series["max"], "max per second", "#9e9e9e", width=1.0)
     c.line(series["p50"], "p50 per second", PALETTE[0], width=2.0)
-    c.line(series["p99"], "p99 per second", PALETTE[1], width=2.4)
+    c.line(series["p99"], "p99 (= max) per second" if same else "p99 per second", PALETTE[1], width=2.4)
     _slo_lines(c, res)
     note = "" if enough else f'<p class="foot">No per-second lines: {escape(_short_run(res))}.</p>'
     return c.render() + note
