@@ -18,6 +18,7 @@ from .summary import _f
 from .svg import PALETTE, Chart
 
 MIN_FRAMES = 10
+MIN_SECONDS = 2  # bins of scheduled send time are always whole: two make a line
 
 
 def _latency_plot(run: StreamRun, deadline_ms: float) -> str:
@@ -78,6 +79,9 @@ def _timeline_plots(res: dict[str, Any], deadline_ms: float) -> tuple[str, str]:
     """Latency and jitter over time from the per-second timeline (a saved
     JSON has no frames)."""
     tl = res.get("timeline") or []
+    if len(tl) < MIN_SECONDS:
+        why = f"{len(tl)} second(s) of frames; per-second figures need {MIN_SECONDS}"
+        return too_little("Latency per second", why), too_little("Jitter per second", why)
     lat: dict[str, list[tuple[float, float]]] = {k: [(r["t"] + 0.5, r[k]) for r in tl if k in r]
                                                  for k in ("p50", "p99", "max")}
     out = ["", ""]

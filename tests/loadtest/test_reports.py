@@ -222,3 +222,19 @@ def test_every_subcommand_help_has_examples_and_prints_each_default_once(command
     assert "examples:" in r.stdout and f"loadtest {command} " in r.stdout
     assert "(default: None)" not in r.stdout and "(default: False)" not in r.stdout
     assert not re.search(r"default[^()]*\)\s*\(default:", r.stdout.replace("\n", " "))
+
+
+def test_a_stream_report_opens_with_its_failure_and_says_when_it_has_too_little_data(ws_server: str, tmp_path: Path):
+    out, page, again = tmp_path / "s.json", tmp_path / "s.html", tmp_path / "again.html"
+    r = loadtest("stream", "--url", ws_server + "/key", "--api-key", "wrong", "--fps", "10", "--frames", "3",
+                 "--json", str(out),
+                 "--html", str(page), "--quiet")
+    assert r.returncode == 1
+    res = json.loads(out.read_text())
+    lines = r.stdout.splitlines()
+    assert lines[1] == res["cause"] and "check --api-key" in res["cause"]
+    html = page.read_text()
+    assert html.index(res["cause"]) < html.index('class="cards"')
+    assert "too little data" in html
+    assert loadtest("report", str(out), "--html", str(again)).returncode == 0
+    assert "too little data" in again.read_text()
