@@ -37,7 +37,7 @@ border-radius:6px;font-weight:bold} .ok{color:#1a7f37} .bad{color:#c62828} svg.p
 max-width:100%;height:auto} details pre{background:#f6f6f6;padding:.6em;overflow:auto;font-size:12px}
 .nodata{border:1px dashed #bbb;border-radius:6px;padding:1em;margin:1em 0;color:#555;background:#fafafa}
 .nodata b{display:block;color:#333} .foot{color:#666;font-size:.9em} td.tree{white-space:pre}
-tr.top td{background:#fff4e5} dl.gloss dt{font-weight:bold;font-family:monospace} dl.gloss dd{margin:0 0 .4em 1.5em}
+.card span.ok{color:#1a7f37} .card span.bad{color:#c62828} tr.top td{background:#fff4e5} dl.gloss dt{font-weight:bold;font-family:monospace} dl.gloss dd{margin:0 0 .4em 1.5em}
 """
 
 
