@@ -11,7 +11,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboard.json"
-SOURCES = (ROOT / "edge_proxy" / "metrics.py", ROOT / "inference" / "server.py")
+# Where the metrics are declared (edge_proxy/metrics.py, the inference
+# server's Metrics): every module of both packages, wherever they move.
+SOURCES = sorted([*(ROOT / "edge_proxy").rglob("*.py"), *(ROOT / "inference").rglob("*.py")])
 SUFFIXES = {"Counter": ("_total",), "Histogram": ("_bucket", "_sum", "_count"), "Gauge": ("",)}
 
 
