@@ -1,11 +1,16 @@
 """`make demo`: the whole system on this machine, measured.
 
-Creates a state dir (.demo/) with a CA, the edge certificate, a client key and
-a worker token; starts two inference servers (opencv-dnn and tensorflow, the
-offline default model), a worker agent beside each in its own pool, and the
-edge; waits until all are ready; runs `loadtest ping` and `loadtest classify`
-through the edge and directly against one inference server; prints the
-hop-by-hop comparison and where the HTML reports are; stops everything.
+Creates a state dir (.demo/, git-ignored) with a CA, the edge certificate, a
+client key and a worker token (secrets in .demo/secrets/, mode 0600); starts
+two inference servers (opencv-dnn and tensorflow, the offline default model),
+a worker agent beside each in its own pool, and the edge; waits until all are
+ready; runs fixed-duration open-loop `loadtest ping` and `loadtest classify`
+runs (10 s each) through the edge and directly against one inference server,
+compares them, and ends with a short live stream through the edge
+(`loadtest stream`). Every command is echoed so it can be copied: the
+interpreter named, secrets as `$EDGE_KEY` set in a line above. Prints the
+inspector's URL and where the reports are; stops everything, or with
+`--keep-running` leaves the stack up until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import socket
 import ssl
@@ -21,6 +27,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +77,8 @@ class Stack:
 
 
 def wait_http(stack: Stack, url: str, timeout: float, what: str, ctx: ssl.SSLContext | None = None,
-              headers: dict[str, str] | None = None, ok=lambda status, body: status == 200) -> None:  # type: ignore[no-untyped-def]
+              headers: dict[str, str] | None = None,
+              ok: Callable[[int, bytes], bool] = lambda status, body: status == 200) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         stack.check_alive()
@@ -88,79 +96,158 @@ def wait_http(stack: Stack, url: str, timeout: float, what: str, ctx: ssl.SSLCon
     raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def have(module: str) -> bool:
-    """Whether a package's command line exists yet (the demo grows with the code)."""
-    import importlib.util
-
+def rel(path: str | Path, root: Path = ROOT) -> str:
+    """`path` relative to the checkout when it is inside it (shorter to read
+    and to copy, since the commands run from there)."""
+    p = Path(path)
     try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
+        return str(p.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(p)
 
 
-def quick_measure(url: str, key: str | None, ca: str, n: int, pool: str | None = None) -> None:
-    """Fallback while `loadtest` is not there: n sequential GETs, per-hop p50/p99."""
-    import asyncio
-    import statistics
-
-    import aiohttp
-
-    async def go() -> dict[str, list[float]]:
-        hops: dict[str, list[float]] = {"client total": []}
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        if pool:
-            headers["X-Pool"] = pool
-        ctx = ssl.create_default_context(cafile=ca)
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as http:
-            for _ in range(n):
-                t = time.perf_counter()
-                async with http.get(url, headers=headers) as r:
-                    await r.read()
-                hops["client total"].append((time.perf_counter() - t) * 1000)
-                for part in r.headers.get("Server-Timing", "").split(","):
-                    name, _, dur = part.strip().partition(";dur=")
-                    if dur:
-                        hops.setdefault(name, []).append(float(dur))
-        return hops
-
-    hops = asyncio.run(go())
-    print(f"    {'hop':<14} {'p50 ms':>8} {'p99 ms':>8}")
-    for name, values in hops.items():
-        values.sort()
-        p99 = values[min(len(values) - 1, int(len(values) * 0.99))]
-        print(f"    {name:<14} {statistics.median(values):8.3f} {p99:8.3f}")
+def command_line(argv: list[str], secrets: dict[str, str], root: Path = ROOT) -> str:
+    """The shell line of `argv` as one can paste it in the checkout: the
+    interpreter named (relative when inside the checkout), paths relative,
+    every argument quoted, and each secret VALUE written as "$NAME" (never in
+    full, never dropped) for `secrets` = {value: NAME}."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg in secrets:
+            out.append(f'"${secrets[arg]}"')
+        elif (i == 0 or arg.startswith("/")) and Path(arg).is_absolute():
+            out.append(shlex.quote(rel(arg, root)))
+        else:
+            out.append(shlex.quote(arg))
+    return " ".join(out)
 
 
-def run(cmd: list[str]) -> None:
-    print("    $ " + " ".join(c if " " not in c else repr(c) for c in cmd[1:] if not c.startswith("eik_")), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+def secret_line(name: str, file: str | Path, root: Path = ROOT) -> str:
+    """The line that sets the variable the echoed commands use."""
+    return f'{name}="$(cat {shlex.quote(rel(file, root))})"'
+
+
+class Demo:
+    """Echoes and runs the load-test commands; knows the secrets to hide."""
+
+    def __init__(self, secrets: dict[str, str], env: dict[str, str]) -> None:
+        self.secrets = secrets
+        self.env = env
+
+    def run(self, argv: list[str]) -> None:
+        print("    $ " + command_line(argv, self.secrets), flush=True)
+        subprocess.run(argv, cwd=ROOT, check=True, env=self.env)
+
+
+def make_secrets(state: Path) -> tuple[dict[str, Path], Path, Path, str, Path]:
+    """The PKI, the key and token files, and the client key written under
+    state/secrets (0700) with mode 0600."""
+    from edge_proxy import auth, certs
+
+    files = certs.make_all(state / "pki", ["localhost", "127.0.0.1"])
+    secrets = state / "secrets"
+    secrets.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(secrets, 0o700)
+    keys, tokens = state / "client-keys.json", state / "worker-tokens.json"
+    for old in (keys, tokens):
+        old.unlink(missing_ok=True)
+    client_key = auth.create(keys, "demo", auth.CLIENT_KEY_PREFIX, admin=True)
+    worker_token = auth.create(tokens, "demo-workers", auth.WORKER_TOKEN_PREFIX)
+    key_file = secrets / "client-key"
+    for path, value in ((key_file, client_key), (secrets / "worker-token", worker_token)):
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(value + "\n")
+    return files, keys, tokens, client_key, key_file
+
+
+def start_stack(stack: Stack, state: Path, files: dict[str, Path], keys: Path, tokens: Path,
+                backends: list[str]) -> tuple[int, dict[str, str]]:
+    edge_port = free_port()
+    edge = f"https://127.0.0.1:{edge_port}"
+    ctx = ssl.create_default_context(cafile=str(files["ca"]))
+    say(f"edge on {edge}")
+    stack.start("edge", [PY, "-m", "edge_proxy", "serve", "--listen", f"127.0.0.1:{edge_port}",
+                         "--cert", str(files["cert"]), "--key", str(files["key"]), "--client-keys", str(keys),
+                         "--worker-tokens", str(tokens), "--rate-limit", "0"])
+    wait_http(stack, edge + "/_edge/health", 30, "the edge", ctx)
+    servers: dict[str, str] = {}
+    for backend in backends:
+        port = free_port()
+        servers[backend] = f"http://127.0.0.1:{port}"
+        say(f"inference server {backend} on port {port} (efficientnet-lite0; first start converts the weights)")
+        stack.start(f"infer-{backend}", [PY, "-m", "inference", "serve", "--host", "127.0.0.1", "--port", str(port),
+                                         "--backend", backend, "--model", "efficientnet-lite0",
+                                         "--cache-dir", str(state / "model-cache")])
+        stack.start(f"agent-{backend}", [PY, "-m", "worker_agent", "--edge",
+                                         f"wss://127.0.0.1:{edge_port}/_edge/tunnel", "--token-file",
+                                         str(state / "secrets" / "worker-token"), "--ca", str(files["ca"]),
+                                         "--upstream", servers[backend], "--pool", backend, "--capacity", "8",
+                                         "--id", f"worker-{backend}"])
+    for backend, url in servers.items():
+        wait_http(stack, url + "/healthz", 600, f"the {backend} model to load and warm up")
+        say(f"{backend} ready")
+
+    def pool_ready(status: int, body: bytes) -> bool:
+        if status != 200:
+            return False
+        return all(json.loads(body)["healthy_workers"].get(b, 0) >= 1 for b in backends)
+
+    wait_http(stack, edge + "/_edge/ready", 60, "every pool at the edge", ctx, ok=pool_ready)
+    say("all ready: edge, " + ", ".join(f"pool {b}" for b in backends))
+    return edge_port, servers
+
+
+def measure(demo: Demo, args: argparse.Namespace, edge_port: int, servers: dict[str, str], ca: Path, key: str,
+            reports: Path) -> None:
+    """The fixed-duration open-loop runs, the comparisons and the live stream."""
+    edge = f"https://127.0.0.1:{edge_port}"
+    lt = [PY, "-m", "loadtest"]
+    common = ["--api-key", key, "--ca", str(ca)]
+    first = next(iter(servers))
+    d = ["--duration", f"{args.duration:g}"]
+    ping, classify = ["--rate", f"{args.ping_rate:g}", *d], ["--rate", f"{args.classify_rate:g}", *d]
+    runs: list[tuple[str, list[str]]] = [
+        ("ping-direct", [*lt, "ping", "--url", servers[first] + "/", *ping]),
+        ("ping-edge", [*lt, "ping", "--url", edge + "/", "--pool", first, *ping, *common]),
+        ("classify-direct", [*lt, "classify", "--url", servers[first] + "/photo", *classify]),
+    ]
+    for backend in servers:
+        runs.append((f"classify-edge-{backend}", [*lt, "classify", "--url", edge + "/photo", "--pool", backend,
+                                                   *classify, *common]))
+    for name, cmd in runs:
+        say(f"loadtest: {name} ({args.duration:g} s, open loop)")
+        demo.run(cmd + ["--label", name, "--json", str(reports / f"{name}.json"),
+                        "--html", str(reports / f"{name}.html"), "--quiet"])
+    say("direct vs through the edge (differences against the first)")
+    for a, b in (("ping-direct", "ping-edge"), ("classify-direct", f"classify-edge-{first}")):
+        demo.run([*lt, "compare", str(reports / f"{a}.json"), str(reports / f"{b}.json"),
+                  "--html", str(reports / f"compare-{a.split('-')[0]}.html")])
+    say(f"a live stream through the edge: 10 fps for {args.stream_duration:g} s to pool {first}'s /stream")
+    demo.run([*lt, "stream", "--url", f"wss://127.0.0.1:{edge_port}/stream", "--pool", first, *common,
+              "--fps", "10", "--duration", f"{args.stream_duration:g}", "--json", str(reports / "stream-edge.json"),
+              "--html", str(reports / "stream-edge.html"), "--quiet"])
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--state", default=str(ROOT / ".demo"), help="directory for certificates, logs and reports")
-    ap.add_argument("--requests", type=int, default=200, help="requests per load-test run")
+    ap.add_argument("--duration", type=float, default=10.0, help="measured seconds of each load-test run")
+    ap.add_argument("--ping-rate", type=float, default=50.0, help="open-loop requests/s of the ping runs")
+    ap.add_argument("--classify-rate", type=float, default=10.0, help="open-loop requests/s of the classify runs")
+    ap.add_argument("--stream-duration", type=float, default=5.0, help="seconds of the closing live stream")
     ap.add_argument("--backends", default="opencv-dnn,tensorflow", help="comma-separated inference backends")
-    ap.add_argument("--keep-running", action="store_true", help="leave the stack up until Ctrl-C")
+    ap.add_argument("--keep-running", action="store_true",
+                    help="leave the stack up after the runs, for exploring, until Ctrl-C")
     args = ap.parse_args()
     state = Path(args.state)
     state.mkdir(parents=True, exist_ok=True)
     reports = state / "reports"
     reports.mkdir(exist_ok=True)
 
-    say("certificates, a client key and a worker token in " + str(state))
-    from edge_proxy import auth, certs
-
-    files = certs.make_all(state / "pki", ["localhost", "127.0.0.1"])
-    keys, tokens = state / "client-keys.json", state / "worker-tokens.json"
-    for f in (keys, tokens):
-        f.unlink(missing_ok=True)
-    client_key = auth.create(keys, "demo", auth.CLIENT_KEY_PREFIX, admin=True)
-    worker_token = auth.create(tokens, "demo-workers", auth.WORKER_TOKEN_PREFIX)
-    (state / "worker-token").write_text(worker_token)
-    os.chmod(state / "worker-token", 0o600)
-    ctx = ssl.create_default_context(cafile=str(files["ca"]))
-
+    say(f"certificates in {rel(state / 'pki')}, the client key and worker token in {rel(state / 'secrets')} (0600)")
+    files, keys, tokens, client_key, key_file = make_secrets(state)
     stack = Stack(state)
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -168,90 +255,18 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        edge_port = free_port()
-        edge = f"https://127.0.0.1:{edge_port}"
-        say(f"edge on {edge}")
-        stack.start("edge", [PY, "-m", "edge_proxy", "serve", "--listen", f"127.0.0.1:{edge_port}",
-                             "--cert", str(files["cert"]), "--key", str(files["key"]), "--client-keys", str(keys),
-                             "--worker-tokens", str(tokens), "--rate-limit", "0"])
-        wait_http(stack, edge + "/_edge/health", 30, "the edge", ctx)
-
-        backends = [b for b in args.backends.split(",") if b]
-        servers: dict[str, str] = {}
-        if not have("inference.cli"):
-            # Relay-only until the inference servers exist: a trivial upstream.
-            say("no inference package yet: relay-only demo with a trivial upstream")
-            backends = ["relay"]
-        for backend in backends:
-            if backend == "relay":
-                port = free_port()
-                servers[backend] = f"http://127.0.0.1:{port}"
-                stack.start("upstream", [PY, str(ROOT / "tests" / "relay" / "upstream.py"), str(port)])
-                stack.start("agent-relay", [PY, "-m", "worker_agent", "--edge",
-                                            f"wss://127.0.0.1:{edge_port}/_edge/tunnel", "--token-file",
-                                            str(state / "worker-token"), "--ca", str(files["ca"]), "--upstream",
-                                            servers[backend], "--pool", "relay", "--capacity", "8", "--id",
-                                            "worker-relay"])
-                continue
-            port = free_port()
-            servers[backend] = f"http://127.0.0.1:{port}"
-            say(f"inference server {backend} on port {port} (efficientnet-lite0; first start converts the weights)")
-            stack.start(f"infer-{backend}", [PY, "-m", "inference", "serve", "--host", "127.0.0.1", "--port", str(port),
-                                             "--backend", backend, "--model", "efficientnet-lite0",
-                                             "--cache-dir", str(state / "model-cache")])
-            stack.start(f"agent-{backend}", [PY, "-m", "worker_agent", "--edge",
-                                             f"wss://127.0.0.1:{edge_port}/_edge/tunnel", "--token-file",
-                                             str(state / "worker-token"), "--ca", str(files["ca"]), "--upstream",
-                                             servers[backend], "--pool", backend, "--capacity", "8", "--id",
-                                             f"worker-{backend}"])
-        for backend, url in servers.items():
-            wait_http(stack, url + "/healthz", 600, f"the {backend} model to load and warm up")
-            say(f"{backend} ready")
-
-        def pool_ready(status: int, body: bytes) -> bool:
-            if status != 200:
-                return False
-            return all(json.loads(body)["healthy_workers"].get(b, 0) >= 1 for b in backends)
-
-        wait_http(stack, edge + "/_edge/ready", 60, "every pool at the edge", ctx, ok=pool_ready)
-        say("all ready: edge, " + ", ".join(f"pool {b}" for b in backends))
-
-        if not have("loadtest.cli"):
-            say("no loadtest package yet: a quick sequential measurement instead")
-            first = backends[0]
-            print("  direct:")
-            quick_measure(servers[first] + "/", None, str(files["ca"]), args.requests)
-            print("  through the edge:")
-            quick_measure(edge + "/", client_key, str(files["ca"]), args.requests, pool=first)
-            return 0
-        lt = [PY, "-m", "loadtest"]
-        common = ["--api-key", client_key, "--ca", str(files["ca"])]
-        n = str(args.requests)
-        first = backends[0]
-        runs: list[tuple[str, list[str]]] = [
-            ("ping-direct", lt + ["ping", "--url", servers[first] + "/", "--concurrency", "4", "--requests", n]),
-            ("ping-edge", lt + ["ping", "--url", edge + "/", "--pool", first, "--concurrency", "4", "--requests", n]
-             + common),
-            ("classify-direct", lt + ["classify", "--url", servers[first] + "/photo", "--concurrency", "4",
-                                      "--requests", n]),
-        ]
-        for backend in backends:
-            runs.append((f"classify-edge-{backend}", lt + ["classify", "--url", edge + "/photo", "--pool", backend,
-                                                            "--concurrency", "4", "--requests", n] + common))
-        outputs = []
-        for name, cmd in runs:
-            say(f"loadtest: {name}")
-            out_json = reports / f"{name}.json"
-            run(cmd + ["--json", str(out_json), "--html", str(reports / f"{name}.html")])
-            outputs.append(str(out_json))
-        say("hop-by-hop comparison")
-        run(lt + ["compare", *outputs])
+        edge_port, servers = start_stack(stack, state, files, keys, tokens,
+                                         [b for b in args.backends.split(",") if b])
+        demo = Demo({client_key: "EDGE_KEY"}, {**os.environ, "EDGE_KEY": client_key})
+        say("the commands below use the client key from its file; to copy them, first set:")
+        print("    $ " + secret_line("EDGE_KEY", key_file), flush=True)
+        measure(demo, args, edge_port, servers, files["ca"], client_key, reports)
         say("HTML reports (open in a browser, no network needed):")
-        for name, _ in runs:
-            print(f"    {reports / (name + '.html')}")
+        for f in sorted(reports.glob("*.html")):
+            print(f"    {rel(f)}")
+        inspector(edge_port, key_file, files["ca"])
         if args.keep_running:
-            say(f"stack is up: edge {edge}, client key in this output above; Ctrl-C to stop")
-            print(f"    client key: {client_key}")
+            say(f"the stack is up (logs in {rel(state)}); stop it with Ctrl-C or: kill {os.getpid()}")
             while True:
                 time.sleep(1)
                 stack.check_alive()
@@ -269,6 +284,11 @@ def main() -> int:
         say("stopping everything")
         stack.stop()
     return 0
+
+
+def inspector(edge_port: int, key_file: Path, ca: Path) -> None:
+    say(f"the edge's inspector: https://127.0.0.1:{edge_port}/_edge/ (sign in with the key in {rel(key_file)}; "
+        f"the demo's CA, which a browser does not know yet, is {rel(ca)})")
 
 
 if __name__ == "__main__":

@@ -17,49 +17,54 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from . import report, stats
-from .runner import Run, RunConfig, UsageError, install_stop_on_signals, machine
+from . import compare, report, slo, stats, streamcli, summary
+from .client import UsageError, machine
+from .options import (
+    HelpFormatter,
+    check_writable,
+    console,
+    err,
+    examples,
+    non_negative,
+    positive,
+    write,
+)
+from .runner import Run, RunConfig, install_stop_on_signals
 from .schedule import ARRIVALS
-from .stream import CapacitySearch, StreamConfig, StreamRun, load_frames
 
 EPILOG = """\
 examples:
   loadtest ping --url http://127.0.0.1:8000/ --rate 200 --duration 30 --json direct.json
-  loadtest classify --url https://edge:8443/photo --api-key $KEY --ca pki/ca.pem --pool opencv-dnn \\
-      --concurrency 8 --requests 1000 --html classify.html
-  loadtest ping --url https://edge:8443/ --api-key $KEY --ca pki/ca.pem --sweep 100,200,400,800 --duration 10
-  loadtest stream --url wss://edge:8443/stream --api-key $KEY --ca pki/ca.pem --fps 30 --streams 8 \
+  EDGE_KEY="$(cat secrets/client-key)"
+  loadtest ping --url https://edge:8443/ --api-key "$EDGE_KEY" --ca pki/ca.pem --pool opencv-dnn \\
+      --rate 200 --duration 30 --json edge.json --slo 'p99<100ms'
+  loadtest classify --url https://edge:8443/photo --api-key "$EDGE_KEY" --ca pki/ca.pem --pool opencv-dnn \\
+      --rate 10 --duration 10 --html classify.html
+  loadtest ping --url https://edge:8443/ --api-key "$EDGE_KEY" --ca pki/ca.pem --sweep 100,200,400,800 --duration 10
+  loadtest stream --url wss://edge:8443/stream --api-key "$EDGE_KEY" --ca pki/ca.pem --fps 30 --streams 8 \\
       --duration 20 --frame-bytes 50000 --html stream.html
-  loadtest stream --url ws://127.0.0.1:8000/stream --fps 30 --duration 10 --capacity
-  loadtest compare direct.json edge.json
+  loadtest compare direct.json edge.json --html compare.html
   loadtest report edge.json --html edge.html
 
 Latency is measured from each request's intended send time in open loop
 (--rate), so a stall is charged to every request it delays; see
-docs/loadtesting.md for every statistic and hop.
+docs/loadtesting.md for every statistic and hop. Exit status: 0 ok, 1 no
+request succeeded, 2 bad usage, 3 unexpected error, 4 an --slo violated.
 """
 
 
-def _positive(kind: type) -> Any:
-    def parse(value: str) -> Any:
-        try:
-            v = kind(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {value!r}")
-        return v
-    return parse
-
-
-def _non_negative(value: str) -> float:
-    try:
-        v = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value!r}")
-    return v
+SUBCOMMAND_EPILOGS = {
+    "ping": examples(
+        "loadtest ping --url http://127.0.0.1:8000/ --rate 200 --duration 30 --json direct.json",
+        'loadtest ping --url https://edge:8443/ --api-key "$EDGE_KEY" --ca pki/ca.pem --pool default \\',
+        "    --rate 100 --duration 10 --html edge.html --slo 'p99<50ms' --slo 'error_rate<1%'",
+        'loadtest ping --url https://edge:8443/ --api-key "$EDGE_KEY" --ca pki/ca.pem --sweep 50,100,200,400 '
+        "--duration 10"),
+    "classify": examples(
+        "loadtest classify --url http://127.0.0.1:8000/photo --rate 10 --duration 10 --html direct.html",
+        'loadtest classify --url https://edge:8443/photo --api-key "$EDGE_KEY" --ca pki/ca.pem --pool opencv-dnn \\',
+        "    --concurrency 8 --requests 1000 --json classify.json"),
+}
 
 
 def _rates(value: str) -> list[float]:
@@ -80,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("ping", "GET the URL: delay and jitter"),
                        ("classify", "POST images to the URL (an inference server's /photo): checks every answer "
                                     "and counts labels")):
-        s = sub.add_parser(name, help=what, description=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        s = sub.add_parser(name, help=what, description=what, formatter_class=HelpFormatter,
+                           epilog=SUBCOMMAND_EPILOGS[name])
         s.add_argument("--url", required=True, help="the URL: an inference server, the edge, or any HTTP(S) server")
         s.add_argument("--api-key", default=os.environ.get("LOADTEST_API_KEY"),
                        help="sent as 'Authorization: Bearer KEY' (LOADTEST_API_KEY)")
@@ -89,25 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--pool", help="worker pool at the edge, sent as X-Pool")
         s.add_argument("--insecure", action="store_true", help="do not verify the TLS certificate (only when asked)")
         load = s.add_mutually_exclusive_group(required=True)
-        load.add_argument("--rate", type=_positive(float), help="open loop: requests per second")
-        load.add_argument("--concurrency", type=_positive(int), help="closed loop: requests in flight")
+        load.add_argument("--rate", type=positive(float), help="open loop: requests per second")
+        load.add_argument("--concurrency", type=positive(int), help="closed loop: requests in flight")
         load.add_argument("--sweep", type=_rates, metavar="R1,R2,...",
                           help="open loop at each rate in turn; draws latency vs throughput and finds the knee")
         s.add_argument("--arrivals", choices=ARRIVALS, default="fixed",
                        help="open-loop arrivals: evenly spaced, or a Poisson process of the same mean rate")
         end = s.add_mutually_exclusive_group(required=True)
-        end.add_argument("--duration", type=_positive(float), help="measured seconds (per rate in a sweep)")
-        end.add_argument("--requests", type=_positive(int), help="measured requests (per rate in a sweep)")
-        s.add_argument("--warmup", type=_non_negative, default=1.0,
+        end.add_argument("--duration", type=positive(float), help="measured seconds (per rate in a sweep)")
+        end.add_argument("--requests", type=positive(int), help="measured requests (per rate in a sweep)")
+        s.add_argument("--warmup", type=non_negative, default=1.0,
                        help="seconds of load before measuring; their requests are excluded")
-        s.add_argument("--timeout", type=_positive(float), default=30.0, help="seconds per request")
-        s.add_argument("--connections", type=_positive(int),
+        s.add_argument("--timeout", type=positive(float), default=30.0, help="seconds per request")
+        s.add_argument("--connections", type=positive(int),
                        help="client connection pool size (default: 100 in open loop, the concurrency in closed loop)")
         s.add_argument("--images", help="directory of images to POST (classify; default: the built-in samples)")
         s.add_argument("--seed", type=int, default=1, help="seed of the Poisson arrivals")
-        s.add_argument("--late-ms", type=_non_negative, default=1.0,
+        s.add_argument("--late-ms", type=non_negative, default=1.0,
                        help="a send later than this after its intended time counts as late")
-        s.add_argument("--windows", type=_positive(int), default=5, help="windows of the stability check")
+        s.add_argument("--windows", type=positive(int), default=5, help="windows of the stability check")
         s.add_argument("--keep-going", action="store_true",
                        help="do not stop when the first requests all fail (default: stop after those)")
         s.add_argument("--label", help="a name for this run in reports and comparisons")
@@ -115,62 +121,34 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--html", metavar="FILE", help="write a self-contained HTML report with plots")
         s.add_argument("--records", action="store_true", help="include every request's record in the JSON")
         s.add_argument("--quiet", action="store_true", help="no live progress display")
+        _slo_option(s)
 
-    _stream_parser(sub)
+    streamcli.add_parser(sub)
 
-    c = sub.add_parser("compare", help="results side by side (e.g. direct vs through the edge)")
+    c = sub.add_parser("compare", help="results side by side (e.g. direct vs through the edge), with the "
+                       "differences from the first", epilog=examples(
+                           "loadtest compare direct.json edge.json",
+                           "loadtest compare direct.json edge.json --html compare.html"), formatter_class=HelpFormatter)
     c.add_argument("files", nargs="+", metavar="FILE.json")
-    r = sub.add_parser("report", help="summary table and HTML report of a saved JSON result")
+    c.add_argument("--html", metavar="OUT", help="write an HTML page: overlaid percentile curves, hop trees")
+    r = sub.add_parser("report", help="summary table and HTML report of a saved JSON result",
+                       formatter_class=HelpFormatter, epilog=examples("loadtest report edge.json --html edge.html"))
     r.add_argument("file", metavar="FILE.json")
     r.add_argument("--html", metavar="OUT", help="write the HTML report here")
     return p
 
 
-def _threshold(value: str) -> float:
-    v = _non_negative(value)
-    if v >= 1:
-        raise argparse.ArgumentTypeError(f"a fraction below 1 (0.01 = 1%), got {value!r}")
-    return v
+def _slo(value: str) -> slo.Slo:
+    try:
+        return slo.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _stream_parser(sub: Any) -> None:
-    what = ("live streams of frames over WebSockets, like cameras: latency, jitter, drops and deadline misses "
-            "per frame; --capacity finds how many streams keep up")
-    s = sub.add_parser("stream", help=what, description=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("--url", required=True, help="the WebSocket URL, ws:// or wss:// (an inference server's /stream, "
-                   "the edge, or any WebSocket server: a plain echo works too)")
-    s.add_argument("--api-key", default=os.environ.get("LOADTEST_API_KEY"),
-                   help="sent as 'Authorization: Bearer KEY' on the upgrade (LOADTEST_API_KEY)")
-    s.add_argument("--ca", default=os.environ.get("LOADTEST_CA"),
-                   help="CA file to verify the server's certificate with (LOADTEST_CA)")
-    s.add_argument("--pool", help="worker pool at the edge, sent as X-Pool on the upgrade")
-    s.add_argument("--insecure", action="store_true", help="do not verify the TLS certificate (only when asked)")
-    s.add_argument("--fps", type=_positive(float), required=True, help="frames per second of each stream")
-    end = s.add_mutually_exclusive_group(required=True)
-    end.add_argument("--duration", type=_positive(float),
-                     help="seconds of frames per stream (per step with --capacity)")
-    end.add_argument("--frames", type=_positive(int), help="frames per stream (per step with --capacity)")
-    s.add_argument("--streams", type=_positive(int), default=1, help="streams (WebSocket connections) in parallel")
-    src = s.add_mutually_exclusive_group()
-    src.add_argument("--frame-bytes", type=_positive(int), metavar="B",
-                     help="send a valid JPEG (the sample cat) padded to B bytes")
-    src.add_argument("--images", nargs="+", metavar="PATH",
-                     help="image files or directories to send, cycled (default: the built-in samples)")
-    s.add_argument("--deadline-ms", type=_positive(float), default=1000.0,
-                   help="an answer later than this after its frame's scheduled send is a deadline miss; a frame "
-                        "still unanswered this long after the last scheduled frame is dropped")
-    s.add_argument("--late-ms", type=_non_negative, default=1.0,
-                   help="a send later than this after its scheduled time counts as late")
-    s.add_argument("--capacity", action="store_true",
-                   help="step the number of streams up (1, 2, 4, ... then bisection) until the miss ratio passes "
-                        "--threshold, and report how many streams the system sustains")
-    s.add_argument("--threshold", type=_threshold, default=0.01,
-                   help="--capacity: the largest miss ratio ((misses + drops + errors) / frames) that passes")
-    s.add_argument("--max-streams", type=_positive(int), default=64, help="--capacity: the most streams to try")
-    s.add_argument("--label", help="a name for this run in reports")
-    s.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    s.add_argument("--html", metavar="FILE", help="write a self-contained HTML report with plots")
-    s.add_argument("--quiet", action="store_true", help="no progress lines on standard error")
+def _slo_option(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--slo", type=_slo, action="append", default=[], metavar="METRIC<VALUE",
+                   help="a pass/fail threshold, repeatable: p50, p90, p99, p999 or max in ms or s (p99<100ms), "
+                        "or error_rate (error_rate<1%%); drawn in the report; exit status 4 when one is violated")
 
 
 def config_from_args(a: argparse.Namespace) -> RunConfig:
@@ -180,10 +158,6 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         warmup=a.warmup, timeout=a.timeout, connections=a.connections, images=a.images, seed=a.seed,
         late_ms=a.late_ms, windows=a.windows, keep_going=a.keep_going, sweep=a.sweep, label=a.label,
     )
-
-
-def err(message: str) -> None:
-    print(f"loadtest: {message}", file=sys.stderr, flush=True)
 
 
 # -- live progress ---------------------------------------------------------------
@@ -263,42 +237,24 @@ async def _measure(cfg: RunConfig, show: bool, records: bool) -> dict[str, Any]:
     return top
 
 
-def _write(path: str, text: str) -> None:
-    try:
-        Path(path).write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def _console() -> Console:
-    return Console(highlight=False, soft_wrap=True, width=max(100, Console().width))
-
-
-def _check_writable(*paths: str | None) -> None:
-    for path in paths:
-        if path:
-            parent = Path(path).resolve().parent
-            if not parent.is_dir() or not os.access(parent, os.W_OK):
-                raise UsageError(f"cannot write {path}: {parent} is not a writable directory")
-
-
 def run_command(a: argparse.Namespace) -> int:
     cfg = config_from_args(a)
     if cfg.insecure:
         err("warning: --insecure: the server's TLS certificate is NOT verified")
-    _check_writable(a.json, a.html)
+    check_writable(a.json, a.html)
     show = not a.quiet and sys.stderr.isatty()
     res = asyncio.run(_measure(cfg, show, a.records))
     run: Run = res.pop("_run")
     res["machine"] = machine()
+    res["slo"] = slo.check(a.slo, res) if a.slo else None
     # Files first: a closed stdout (| head) must not lose them.
     if a.json:
-        _write(a.json, json.dumps(res, indent=1, default=str) + "\n")
+        write(a.json, json.dumps(res, indent=1, default=str) + "\n")
     if a.html:
         from .htmlreport import render
 
-        _write(a.html, render(res, run))
-    report.print_summary(res, _console())
+        write(a.html, render(res, run))
+    summary.print_summary(res, console())
     if res.get("aborted"):
         err(res["aborted"])
     if res["cause"]:
@@ -307,105 +263,15 @@ def run_command(a: argparse.Namespace) -> int:
         if not res["cause"]:
             err("error: no request succeeded")
         return 1
-    return 0
+    return _slo_status(res)
 
 
-# -- stream ----------------------------------------------------------------------
-
-
-def _stream_progress_text(run: StreamRun, title: str, planned: float) -> Text:
-    p = run.progress
-    now = run.elapsed()
-    recent = sorted(lat for _, lat in takewhile(lambda x: x[0] >= now - 1.0, reversed(p.recent)))
-    line = f"{title}  {now:5.1f} s / {planned:.1f} s  sent {p.sent}  answered {p.answered}  dropped {p.dropped}"
-    line += f"  errors {p.errors}"
-    if recent:
-        line += f"  last second: p50 {recent[len(recent) // 2]:.1f} ms  max {recent[-1]:.1f} ms"
-    return Text(line)
-
-
-async def _stream_with_progress(run: StreamRun, title: str, show: bool) -> None:
-    if not show:
-        await run.execute()
-        return
-    from .streamreport import schedule_s
-
-    planned = schedule_s(run) + 1 / run.cfg.fps
-    with Live(_stream_progress_text(run, title, planned), console=Console(stderr=True), transient=True,
-              auto_refresh=False) as live:
-        task = asyncio.ensure_future(run.execute())
-        while not task.done():
-            await asyncio.wait([task], timeout=0.25)
-            live.update(_stream_progress_text(run, title, planned), refresh=True)
-        task.result()
-
-
-async def _stream_measure(cfg: StreamConfig, a: argparse.Namespace) -> tuple[dict[str, Any], StreamRun]:
-    from . import streamreport
-
-    stop = asyncio.Event()
-    install_stop_on_signals(stop)
-    frames = load_frames(cfg.images, cfg.frame_bytes)
-    show = not a.quiet and sys.stderr.isatty()
-    if not a.capacity:
-        run = StreamRun(cfg, stop, frames)
-        await _stream_with_progress(run, "stream", show)
-        return streamreport.analyse(run), run
-    search = CapacitySearch(a.threshold, a.max_streams)
-    steps: list[dict[str, Any]] = []
-    results: dict[int, tuple[dict[str, Any], StreamRun]] = {}
-    while (n := search.next_streams()) is not None and not stop.is_set():
-        run = StreamRun(replace(cfg, streams=n), stop, frames)
-        await _stream_with_progress(run, f"capacity: {n} stream(s)", show)
-        res = streamreport.analyse(run)
-        if stop.is_set():
-            break
-        ratio = res["miss_ratio"] if res["miss_ratio"] is not None else 1.0
-        res["passed"] = search.record(n, ratio)
-        steps.append(res | {"streams": n})
-        results[n] = (res, run)
-        if not a.quiet:
-            err(f"capacity: {n} stream(s): miss ratio {100 * ratio:.2f}%, p99 {res['latency_ms']['p99']} ms -> "
-                f"{'pass' if res['passed'] else 'FAIL'}")
-        if res["streams_connected"] == 0:
-            break
-    if not steps:
-        raise UsageError("interrupted before the first step")
-    chosen = search.sustained if search.sustained in results else steps[0]["streams"]
-    top, run = results[chosen]
-    top = dict(top)
-    top["capacity"] = streamreport.capacity_json(search, steps, cfg, streamreport.schedule_s(run))
-    top["top_level_is"] = f"the step with {chosen} stream(s)"
-    return top, run
-
-
-def stream_command(a: argparse.Namespace) -> int:
-    from . import streamreport
-
-    if a.capacity and a.streams != 1:
-        raise UsageError("--capacity chooses the number of streams itself: leave out --streams")
-    cfg = StreamConfig(url=a.url, api_key=a.api_key, ca=a.ca, insecure=a.insecure, pool=a.pool, fps=a.fps,
-                       duration=a.duration, frames=a.frames, streams=a.streams, frame_bytes=a.frame_bytes,
-                       images=a.images, deadline_ms=a.deadline_ms, late_ms=a.late_ms, label=a.label)
-    if cfg.insecure:
-        err("warning: --insecure: the server's TLS certificate is NOT verified")
-    _check_writable(a.json, a.html)
-    res, run = asyncio.run(_stream_measure(cfg, a))
-    res["machine"] = machine()
-    if a.json:
-        _write(a.json, json.dumps(res, indent=1, default=str) + "\n")
-    if a.html:
-        _write(a.html, streamreport.render(res, run))
-    streamreport.print_summary(res, _console())
-    if res.get("interrupted"):
-        err("interrupted: the report covers the frames up to then")
-    if res["cause"]:
-        err(("error: " if res["frames_answered"] == 0 else "warning: ") + res["cause"])
-    if res["frames_answered"] == 0:
-        if not res["cause"]:
-            err("error: no frame was answered")
-        return 1
-    return 0
+def _slo_status(res: dict[str, Any]) -> int:
+    """Each threshold's verdict on standard error; exit status 4 when one failed."""
+    verdicts = res.get("slo") or []
+    for v in verdicts:
+        err(slo.describe(v))
+    return slo.EXIT_VIOLATED if slo.failed(verdicts) else 0
 
 
 def _load(path: str) -> dict[str, Any]:
@@ -423,7 +289,9 @@ def _load(path: str) -> dict[str, Any]:
 def compare_command(a: argparse.Namespace) -> int:
     results = [_load(f) for f in a.files]
     names = [r.get("label") or Path(f).stem for r, f in zip(results, a.files, strict=True)]
-    report.print_compare(results, names, _console())
+    compare.print_compare(results, names, console())
+    if a.html:
+        write(a.html, compare.render(results, names))
     return 0
 
 
@@ -432,15 +300,17 @@ def report_command(a: argparse.Namespace) -> int:
     if res.get("command") == "stream":
         from . import streamreport
 
-        streamreport.print_summary(res, _console())
+        streamreport.print_summary(res, console())
         if a.html:
-            _write(a.html, streamreport.render(res, None))
+            from . import streamhtml
+
+            write(a.html, streamhtml.render(res, None))
         return 0
-    report.print_summary(res, _console())
+    summary.print_summary(res, console())
     if a.html:
         from .htmlreport import render
 
-        _write(a.html, render(res, None))
+        write(a.html, render(res, None))
     return 0
 
 
@@ -452,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "report":
             return report_command(a)
         if a.command == "stream":
-            return stream_command(a)
+            return streamcli.stream_command(a)
         return run_command(a)
     except UsageError as exc:
         err(f"error: {exc}")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from httpcontract.timing import parse as parse_server_timing  # noqa: F401  (the loadtest API)
+from httpcontract import timing
+
+parse_server_timing = timing.parse  # the loadtest API
 
 # Entries of the timing contract, outermost hop last.
 INFERENCE = ("decode", "preprocess", "queue", "infer", "postprocess", "app")
@@ -91,3 +93,87 @@ def order_key(name: str) -> tuple[int, str]:
         return HOP_ORDER.index(name), name
     except ValueError:
         return len(HOP_ORDER), name
+
+
+# -- the hop tree --------------------------------------------------------------
+
+# node -> its parent. Spans are the timing contract's nested entries (and the
+# latency itself); the other nodes are the segments above, which do not overlap
+# and add up to the latency. A node whose parent is absent hangs from the
+# nearest present ancestor (talking to an inference server directly, `app`
+# hangs from the latency).
+PARENT: dict[str, str | None] = {
+    "latency": None,
+    "client_wait": "latency", "net_client": "latency", "edge": "latency",
+    "lb": "edge", "edge_internal": "edge", "tunnel": "edge",
+    "net_edge_worker": "tunnel", "agent": "tunnel",
+    "agent_internal": "agent", "upstream": "agent",
+    "agent_overhead": "upstream", "app": "upstream",
+    **{n: "app" for n in (*INFERENCE[:-1], "app_other")},
+}
+SPANS = ("latency", "edge", "tunnel", "agent", "upstream", "app")
+TREE_ORDER = tuple(PARENT)
+
+# Every name a report shows that is not a plain Server-Timing entry, in words.
+GLOSSARY: dict[str, str] = {
+    "latency": "from the request's intended send time (open loop) or its send (closed loop) to its answer, read",
+    "client_wait": "latency minus client_total: the send came late, or waited for a pooled connection",
+    "net_client": "client_total minus the outermost server's own total: the transport between the load "
+                  "tester and the first server (TCP, TLS, HTTP on both ends; on loopback no network at all)",
+    "edge_internal": "edge minus lb minus tunnel: the edge's own work on the request",
+    "net_edge_worker": "tunnel minus agent: the tunnel's transit both ways (network only when the agent is on "
+                       "another machine)",
+    "agent_internal": "agent minus upstream: the agent's own work",
+    "agent_overhead": "upstream minus app: HTTP between the agent and the inference server",
+    "app_other": "app minus its reported phases: routing, reading the body, writing the answer",
+    "net_client_edge": "client_total minus edge (a per-hop table name of net_client through the edge)",
+    "tunnel_rtt": "the tunnel's round-trip time from the edge's heartbeats: a reading of the link, not a part "
+                  "of any request",
+    "tail excess": "the mean of a hop over the slowest 1% of requests minus its mean over the middle 10%: which "
+                   "hop the p99 is made of",
+    "PDV": "latency minus the minimum latency of the run (RFC 5481)",
+    "IPDV": "|L(i) - L(i-1)| of consecutive requests (RFC 5481)",
+    "RFC 3550 J": "the smoothed interarrival jitter of RTP",
+    "service time": "from the actual send (not the intended one) to the answer",
+}
+
+
+def is_loopback(host: str | None) -> bool:
+    return bool(host) and (host == "localhost" or str(host).startswith("127.") or host in ("::1", "[::1]"))
+
+
+def labels(loopback: bool) -> dict[str, str]:
+    """What each tree node is called; `loopback` is whether the client talks
+    to its first server over the loopback interface."""
+    return {
+        "latency": "latency", "client_wait": "waiting to send",
+        "net_client": "client <-> server: loopback (no network)" if loopback else "client <-> server: network",
+        "edge": "edge", "lb": "choosing a worker", "edge_internal": "edge itself",
+        "tunnel": "tunnel", "net_edge_worker": "tunnel transit", "agent": "agent",
+        "agent_internal": "agent itself", "upstream": "upstream: agent -> app",
+        "agent_overhead": "agent <-> app HTTP", "app": "app (inference server)",
+        "decode": "decode", "preprocess": "preprocess", "queue": "batch queue", "infer": "infer",
+        "postprocess": "postprocess", "app_other": "app other",
+    }
+
+
+def node_values(latency_ms: float, hops: Mapping[str, float]) -> dict[str, float]:
+    """One request's value at every tree node it has."""
+    out = {k: v for k, v in segments(latency_ms, hops).items()}
+    out["latency"] = latency_ms
+    out.update({k: hops[k] for k in SPANS[1:] if k in hops})
+    return out
+
+
+def depths(present: set[str]) -> dict[str, int]:
+    """Depth of each present node: how many of its ancestors are present."""
+    out = {}
+    for name in TREE_ORDER:
+        if name not in present:
+            continue
+        d, parent = 0, PARENT[name]
+        while parent is not None:
+            d += parent in present
+            parent = PARENT[parent]
+        out[name] = d
+    return out

@@ -157,13 +157,22 @@ def stability(throughputs: Sequence[float], latencies: Sequence[float], last: in
     t_ok = within(throughputs[-last:], tolerance)
     l_ok = within(latencies[-last:], tolerance)
     out["stable"] = t_ok and l_ok
+    t_sp, l_sp = spread(throughputs[-last:]), spread(latencies[-last:])
+    out["throughput_spread"], out["latency_spread"] = round(t_sp, 4), round(l_sp, 4)
     reasons = []
     if not t_ok:
-        reasons.append("throughput varies by more than " + f"{tolerance:.0%}")
+        reasons.append(f"throughput moved {t_sp:.0%} over the last {last} windows")
     if not l_ok:
-        reasons.append("mean latency varies by more than " + f"{tolerance:.0%}")
-    out["reason"] = "; ".join(reasons) if reasons else "ok"
+        reasons.append(f"mean latency moved {l_sp:.0%} over the last {last} windows")
+    out["reason"] = "; ".join(reasons) if reasons else (
+        f"throughput within {t_sp:.0%} and mean latency within {l_sp:.0%} over the last {last} windows")
     return out
+
+
+def spread(values: Sequence[float]) -> float:
+    """The largest distance of a value from the mean, as a fraction of it."""
+    mean = math.fsum(values) / len(values)
+    return max(abs(v - mean) for v in values) / abs(mean) if mean else 0.0
 
 
 def find_knee(points: Sequence[tuple[float, float, float]], min_ratio: float = 0.9,

@@ -1,8 +1,9 @@
 """`loadtest stream`: live streams of frames over WebSockets, like cameras.
 
 Each stream sends binary frames on a fixed schedule (open loop) and matches
-the answers to their frames (by `seq`, else by order). The frame ledger and
-the capacity search are pure; `StreamRun` is the asyncio shell around them.
+the answers to their frames (by `seq`, else by order). The frame ledger
+(`ledger`) and the capacity search (`capacity`) are pure; `StreamRun` is the
+asyncio shell around them; `frames` makes what is sent.
 `streamreport` turns the records into figures.
 """
 
@@ -10,13 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import io
-import json
 import time
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,16 +21,30 @@ import aiohttp
 from yarl import URL
 
 from . import __version__
-from .runner import (
-    IMAGE_SUFFIXES,
-    SAMPLES,
+from .capacity import CapacitySearch
+from .client import (
     UsageError,
     _detail,
     _error_kind,
     edge_tunnel_rtt,
     tls_context,
 )
+from .frames import jpeg_of_size, load_frames
+from .ledger import (
+    ANSWERED,
+    DROPPED,
+    ERROR,
+    PENDING,
+    UNANSWERED,
+    Frame,
+    FrameLedger,
+)
 from .schedule import Pacer, arrival_offsets, wait_plan
+
+# What other modules import from here, some of it living in `frames`, `ledger`
+# and `capacity` since the split (kept importable from here).
+__all__ = ["ANSWERED", "DROPPED", "ERROR", "PENDING", "UNANSWERED", "CapacitySearch", "Frame", "FrameLedger",
+           "StreamConfig", "StreamProgress", "StreamRun", "StreamState", "jpeg_of_size", "load_frames"]
 
 perf = time.perf_counter
 
@@ -74,258 +85,6 @@ class StreamConfig:
 
 # -- frames ------------------------------------------------------------------------
 
-
-def _com_segments(n: int) -> bytes:
-    """JPEG comment (COM) segments adding exactly `n` bytes (n >= 4)."""
-    out = bytearray()
-    while n > 0:
-        payload = min(n - 4, 65533)
-        if 0 < n - 4 - payload < 4:  # leave at least a whole segment for the rest
-            payload -= 4
-        out += b"\xff\xfe" + (payload + 2).to_bytes(2, "big") + bytes(payload)
-        n -= payload + 4
-    return bytes(out)
-
-
-def _small_jpeg(limit: int) -> bytes:
-    """The sample cat re-encoded, as large as fits in `limit` bytes (or the smallest)."""
-    from PIL import Image
-
-    src = Image.open(SAMPLES / "cat.jpg")
-    best = b""
-    for side in (224, 160, 112, 80, 56, 32, 16, 8):
-        im = src.copy()
-        im.thumbnail((side, side))
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=70)
-        best = buf.getvalue()
-        if len(best) <= limit:
-            break
-    return best
-
-
-def jpeg_of_size(size: int) -> bytes:
-    """A valid JPEG (the sample cat, so a model server can decode and
-    classify it) of `size` bytes: padded with comment segments after SOI,
-    or re-encoded smaller first. Below the smallest JPEG (a few hundred
-    bytes) it is that JPEG, a little larger than asked."""
-    base = (SAMPLES / "cat.jpg").read_bytes()
-    if len(base) + 4 > size:
-        base = _small_jpeg(size - 4)
-    pad = size - len(base)
-    if pad < 4:
-        return base
-    return base[:2] + _com_segments(pad) + base[2:]
-
-
-def load_frames(images: Sequence[str] | None, frame_bytes: int | None) -> list[tuple[str, bytes]]:
-    """(name, bytes) of the frames to cycle through."""
-    if frame_bytes is not None:
-        return [(f"generated-{frame_bytes}.jpg", jpeg_of_size(frame_bytes))]
-    paths = [Path(p) for p in images] if images else [SAMPLES]
-    out: list[tuple[str, bytes]] = []
-    for p in paths:
-        if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise UsageError(f"--images {p}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-            out.extend((f.name, f.read_bytes()) for f in files)
-        elif p.is_file():
-            try:
-                out.append((p.name, p.read_bytes()))
-            except OSError as exc:
-                raise UsageError(f"--images {p}: {exc.strerror or exc}") from None
-        else:
-            raise UsageError(f"--images {p}: no such file or directory")
-    return out
-
-
-# -- matching answers to frames (pure) ----------------------------------------------
-
-PENDING, ANSWERED, DROPPED, ERROR, UNANSWERED = "pending", "answered", "dropped", "error", "unanswered"
-
-
-class Frame:
-    """One frame of one stream. Times are seconds from the run's start."""
-
-    __slots__ = ("stream", "seq", "intended", "sent", "done", "outcome", "error", "timing", "label")
-
-    def __init__(self, stream: int, seq: int, intended: float, sent: float) -> None:
-        self.stream = stream
-        self.seq = seq
-        self.intended = intended
-        self.sent = sent
-        self.done: float | None = None
-        self.outcome = PENDING
-        self.error: str | None = None
-        self.timing: dict[str, float] | None = None
-        self.label: str | None = None
-
-    @property
-    def latency_ms(self) -> float | None:
-        """Answer arrival minus the SCHEDULED send time (coordinated-omission
-        safe); None unless the frame was answered."""
-        if self.outcome != ANSWERED or self.done is None:
-            return None
-        return (self.done - self.intended) * 1000
-
-    @property
-    def lag_ms(self) -> float:
-        return (self.sent - self.intended) * 1000
-
-
-def _parse(data: str | bytes) -> dict[str, Any] | None:
-    """The answer as a JSON object, or None (a plain echo, a binary frame)."""
-    head = data[:1].lstrip() if isinstance(data, str) else data[:16].lstrip()[:1]
-    if head not in ("{", b"{"):
-        return None
-    try:
-        v = json.loads(data)
-    except ValueError:
-        return None
-    return v if isinstance(v, dict) else None
-
-
-def _timing(v: object) -> dict[str, float] | None:
-    if not isinstance(v, dict):
-        return None
-    out = {str(k): float(x) for k, x in v.items() if isinstance(x, int | float) and not isinstance(x, bool)}
-    return out or None
-
-
-class FrameLedger:
-    """The frames of one stream and how each ended.
-
-    An answer that is a JSON object with an integer `seq` belongs to that
-    frame; any other answer (a plain echo, JSON without `seq`) to the oldest
-    frame still waiting. `{"seq": n, "dropped": true}` marks frame n dropped
-    by the server, `{"seq": n, "error": ...}` an error. An answer for no
-    waiting frame (an unknown or repeated seq, more answers than frames)
-    is counted in `unmatched`."""
-
-    def __init__(self, stream: int) -> None:
-        self.stream = stream
-        self.frames: list[Frame] = []
-        self._waiting: dict[int, Frame] = {}
-        self._order: deque[int] = deque()
-        self.unmatched = 0
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
-    def sent(self, seq: int, intended: float, at: float) -> Frame:
-        f = Frame(self.stream, seq, intended, at)
-        self.frames.append(f)
-        self._waiting[seq] = f
-        self._order.append(seq)
-        return f
-
-    def _oldest(self) -> Frame | None:
-        while self._order:
-            seq = self._order.popleft()
-            f = self._waiting.pop(seq, None)
-            if f is not None:
-                return f
-        return None
-
-    def answer(self, data: str | bytes, at: float) -> Frame | None:
-        """Match one answer received at `at`; the frame it ended, or None."""
-        msg = _parse(data)
-        seq = msg.get("seq") if msg is not None else None
-        if isinstance(seq, int) and not isinstance(seq, bool):
-            f = self._waiting.pop(seq, None)
-        else:
-            f = self._oldest()
-        if f is None:
-            self.unmatched += 1
-            return None
-        f.done = at
-        if msg is not None and msg.get("dropped") is True:
-            f.outcome = DROPPED
-        elif msg is not None and msg.get("error") not in (None, False):
-            f.outcome = ERROR
-            f.error = str(msg["error"])[:200]
-        else:
-            f.outcome = ANSWERED
-            if msg is not None:
-                f.timing = _timing(msg.get("timing"))
-                label = msg.get("label")
-                f.label = str(label) if label is not None else None
-        return f
-
-    def close(self) -> int:
-        """The run is over: every frame still waiting is unanswered."""
-        n = 0
-        for f in self._waiting.values():
-            f.outcome = UNANSWERED
-            n += 1
-        self._waiting.clear()
-        self._order.clear()
-        return n
-
-
-# -- the capacity search (pure) --------------------------------------------------------
-
-
-class CapacitySearch:
-    """How many real-time streams a system sustains.
-
-    Steps: `start`, then doubling (1, 2, 4, 8, ...) while each step passes,
-    up to `max_streams`; after the first failing step, bisection between the
-    last passing and the first failing count, until they are adjacent. A step
-    passes when its miss ratio (deadline misses plus drops, over frames sent)
-    is at most `threshold`. The answer, `sustained`, is the largest passing
-    count below the smallest failing one (None if even `start` fails): exact
-    as long as more streams never do better."""
-
-    def __init__(self, threshold: float = 0.01, max_streams: int = 64, start: int = 1) -> None:
-        if not 0 <= threshold < 1:
-            raise ValueError(f"threshold must be in [0, 1), got {threshold!r}")
-        if start < 1 or max_streams < start:
-            raise ValueError(f"need 1 <= start <= max_streams, got {start}, {max_streams}")
-        self.threshold = threshold
-        self.max_streams = max_streams
-        self.start = start
-        self.steps: list[tuple[int, float, bool]] = []  # (streams, miss ratio, passed)
-        self._good: int | None = None  # largest passing count so far
-        self._bad: int | None = None  # smallest failing count so far
-
-    def next_streams(self) -> int | None:
-        """The next number of streams to run, or None when the search is done."""
-        if not self.steps:
-            return self.start
-        if self._good is None:  # even the first step failed
-            return None
-        if self._bad is None:  # still doubling
-            return None if self._good >= self.max_streams else min(self._good * 2, self.max_streams)
-        if self._bad - self._good <= 1:
-            return None
-        return (self._good + self._bad) // 2
-
-    def record(self, streams: int, miss_ratio: float) -> bool:
-        """The result of one step; whether it passed."""
-        ok = miss_ratio <= self.threshold
-        self.steps.append((streams, miss_ratio, ok))
-        if ok:
-            self._good = max(streams, self._good or 0)
-        else:
-            self._bad = streams if self._bad is None else min(streams, self._bad)
-        if self._good is not None and self._bad is not None and self._good > self._bad:
-            # Noise: a larger count passed after a smaller one failed. Trust the failure.
-            self._good = max((s for s, _, passed in self.steps if passed and s < self._bad), default=None)
-        return ok
-
-    @property
-    def sustained(self) -> int | None:
-        return self._good
-
-    @property
-    def failed_at(self) -> int | None:
-        return self._bad
-
-
-# -- the run -----------------------------------------------------------------------------
 
 
 # The 101 response of the upgrade being made: the trace callback runs inside

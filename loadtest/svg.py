@@ -1,6 +1,8 @@
-"""Just enough SVG plotting for the HTML report: axes with nice ticks, lines,
-points, bars and a stacked bar. Output is a string; no JavaScript, no fonts
-or files fetched, so a report opens anywhere offline."""
+"""Just enough SVG plotting for the HTML report: axes with nice ticks (linear,
+percentile or logarithmic), lines, points, bars, threshold lines and a
+stacked bar; every drawn value has an SVG <title>, which browsers show on
+hover. Output is a string; no JavaScript, no fonts or files fetched, so a
+report opens anywhere offline."""
 
 from __future__ import annotations
 
@@ -28,6 +30,27 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return ticks
 
 
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """1, 2, 5 x 10^k ticks from the largest at or below lo to the first at or
+    above hi (lo > 0)."""
+    k = math.floor(math.log10(lo))
+    steps = [m * 10.0 ** e for e in range(k, k + 40) for m in (1, 2, 5)]
+    start = max(i for i, v in enumerate(steps) if v <= lo * 1.0001) if steps[0] <= lo * 1.0001 else 0
+    ticks = []
+    for v in steps[start:]:
+        ticks.append(float(f"{v:.12g}"))
+        if v >= hi:
+            break
+    return ticks if len(ticks) > 1 else [*ticks, ticks[-1] * 2]
+
+
+def spans_decades(values: Sequence[float], ratio: float = 30.0) -> bool:
+    """Whether positive values spread over more than `ratio` (a log axis then
+    shows every point instead of flattening the small ones)."""
+    pos = [v for v in values if v > 0]
+    return bool(pos) and max(pos) / min(pos) > ratio
+
+
 def fmt(v: float) -> str:
     if v == 0:
         return "0"
@@ -44,7 +67,7 @@ class Chart:
 
     def __init__(self, ident: str, title: str, x_label: str, y_label: str, xs: Sequence[float],
                  ys: Sequence[float], width: int = 760, height: int = 300, percentile_x: bool = False,
-                 y_min: float | None = 0.0) -> None:
+                 y_min: float | None = 0.0, log_y: bool = False) -> None:
         self.ident, self.title = ident, title
         self.w, self.h = width, height
         self.left, self.right, self.top, self.bottom = 64, 150, 28, 44
@@ -56,11 +79,16 @@ class Chart:
         x_lo, x_hi = min(xv), max(xv)
         if percentile_x:
             x_lo, x_hi = 0.0, max(4.0, x_hi)
-        y_lo = min(yv) if y_min is None else min(y_min, min(yv))
-        y_hi = max(yv)
-        if y_hi <= y_lo:
-            y_hi = y_lo + 1.0
-        self.yticks = nice_ticks(y_lo, y_hi)
+        self.log_y = log_y and any(y > 0 for y in yv)
+        if self.log_y:
+            pos = [y for y in yv if y > 0]
+            self.yticks = log_ticks(min(pos), max(pos))
+        else:
+            y_lo = min(yv) if y_min is None else min(y_min, min(yv))
+            y_hi = max(yv)
+            if y_hi <= y_lo:
+                y_hi = y_lo + 1.0
+            self.yticks = nice_ticks(y_lo, y_hi)
         self.y_lo, self.y_hi = self.yticks[0], self.yticks[-1]
         if percentile_x:
             self.xticks = [0.0, 1.0, 2.0, 3.0, 4.0] + ([5.0] if x_hi > 4.0 else [])
@@ -82,10 +110,17 @@ class Chart:
         span = self.x_hi - self.x_lo or 1.0
         return self.left + (self._xpos(x) - self.x_lo) / span * (self.w - self.left - self.right)
 
+    def _ypos(self, y: float) -> float:
+        return math.log10(max(y, 1e-12)) if self.log_y else y
+
     def py(self, y: float) -> float:
-        span = self.y_hi - self.y_lo or 1.0
-        y = min(max(y, self.y_lo), self.y_hi)
-        return self.h - self.bottom - (y - self.y_lo) / span * (self.h - self.top - self.bottom)
+        lo, hi = self._ypos(self.y_lo), self._ypos(self.y_hi)
+        v = min(max(self._ypos(y), lo), hi)
+        return self.h - self.bottom - (v - lo) / ((hi - lo) or 1.0) * (self.h - self.top - self.bottom)
+
+    def _tip(self, x: float, y: float, name: str) -> str:
+        xs = f"p{x:g}" if self.percentile_x else fmt(x)
+        return f"<title>{escape(name)}: {fmt(y)} at {xs}</title>"
 
     def line(self, points: Sequence[tuple[float, float]], name: str, color: str, width: float = 1.6,
              dots: bool = False) -> None:
@@ -93,16 +128,27 @@ class Chart:
             return
         path = " ".join(f"{self.px(x):.1f},{self.py(y):.1f}" for x, y in points)
         self.parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="{width}" points="{path}"/>')
-        if dots:
-            self.parts.extend(f'<circle cx="{self.px(x):.1f}" cy="{self.py(y):.1f}" r="3" fill="{color}"/>'
-                              for x, y in points)
+        # Dots to see, or invisible targets to hover: every vertex has its value.
+        fill, r = (color, 3) if dots else ("transparent", 4)
+        self.parts.append(f'<g fill="{fill}">' + "".join(
+            f'<circle cx="{self.px(x):.1f}" cy="{self.py(y):.1f}" r="{r}">{self._tip(x, y, name)}</circle>'
+            for x, y in points) + "</g>")
+        self.legend.append((name, color))
+
+    def hline(self, y: float, name: str, color: str = "#b00020") -> None:
+        """A dashed threshold line across the plot (an SLO)."""
+        py = self.py(y)
+        self.parts.append(f'<line x1="{self.left}" x2="{self.w - self.right}" y1="{py:.1f}" y2="{py:.1f}" '
+                          f'stroke="{color}" stroke-width="1.4" stroke-dasharray="6 4"><title>{escape(name)}'
+                          f'</title></line>')
         self.legend.append((name, color))
 
     def points(self, points: Sequence[tuple[float, float]], name: str, color: str, r: float = 1.3) -> None:
         if not points:
             return
-        self.parts.append(f'<g fill="{color}" fill-opacity="0.45">' + "".join(
-            f'<circle cx="{self.px(x):.1f}" cy="{self.py(y):.1f}" r="{r}"/>' for x, y in points) + "</g>")
+        self.parts.append(f'<g fill="{color}" fill-opacity="0.7">' + "".join(
+            f'<circle cx="{self.px(x):.1f}" cy="{self.py(y):.1f}" r="{r}">{self._tip(x, y, name)}</circle>'
+            for x, y in points) + "</g>")
         self.legend.append((name, color))
 
     def bars(self, edges: Sequence[float], counts: Sequence[float], name: str, color: str) -> None:
@@ -113,7 +159,7 @@ class Chart:
                 continue
             x0, x1, y = self.px(a), self.px(b), self.py(c)
             out.append(f'<rect x="{x0:.1f}" y="{y:.1f}" width="{max(0.5, x1 - x0 - 0.5):.1f}" '
-                       f'height="{base - y:.1f}"/>')
+                       f'height="{base - y:.1f}"><title>{fmt(a)}-{fmt(b)}: {fmt(c)} {escape(name)}</title></rect>')
         self.parts.append(f'<g fill="{color}">' + "".join(out) + "</g>")
         self.legend.append((name, color))
 
@@ -131,6 +177,8 @@ class Chart:
             py = self.py(y)
             out.append(f'<line x1="{lm}" x2="{w - r}" y1="{py:.1f}" y2="{py:.1f}" stroke="#e4e4e4"/>'
                        f'<text x="{lm - 6}" y="{py + 4:.1f}" text-anchor="end">{fmt(y)}</text>')
+        if self.log_y:
+            out.append(f'<text x="{lm + 4}" y="{t - 4}" fill="#666">log scale</text>')
         for x in self.xticks:
             px = self.left + (x - self.x_lo) / ((self.x_hi - self.x_lo) or 1) * (w - lm - r)
             text = (f"{100 - 100 / 10 ** x:.{max(0, int(x) - 2)}f}" if self.percentile_x else fmt(x))

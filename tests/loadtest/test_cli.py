@@ -32,7 +32,7 @@ def _check_stats(d: dict) -> None:
 
 def test_ping_writes_json_with_every_contract_field_and_a_self_contained_html(server: str, tmp_path: Path):
     out, page = tmp_path / "r.json", tmp_path / "r.html"
-    r = loadtest("ping", "--url", server + "/chain?scale=0.2", "--rate", "50", "--duration", "1.5", "--warmup",
+    r = loadtest("ping", "--url", server + "/chain?scale=0.2", "--rate", "50", "--duration", "3.2", "--warmup",
                  "0.3", "--json", str(out), "--html", str(page), "--records", "--label", "direct")
     assert r.returncode == 0, r.stderr
     assert "latency" in r.stdout and "net_edge_worker" in r.stdout
@@ -45,11 +45,11 @@ def test_ping_writes_json_with_every_contract_field_and_a_self_contained_html(se
     for hop in ("decode", "preprocess", "queue", "infer", "postprocess", "app", "upstream", "agent", "lb", "tunnel",
                 "edge", "net_edge_worker", "agent_overhead", "net_client_edge", "client_ttfb"):
         _check_stats(res["hops_ms"][hop])
-    assert res["requests"] == 75 and res["errors"] == 0
+    assert res["requests"] == 160 and res["errors"] == 0
     assert res["config"]["rate"] == 50 and res["config"]["api_key"] is None
     assert res["machine"]["cpus"] >= 1
-    assert res["status_counts"] == {"200": 75}
-    assert len(res["records"]) == 75 + 15
+    assert res["status_counts"] == {"200": 160}
+    assert len(res["records"]) == 160 + 15
     assert res["label"] == "direct"
 
     html = page.read_text()
@@ -135,9 +135,9 @@ def test_compare_of_a_missing_or_foreign_file_is_one_line(tmp_path: Path):
 
 
 @pytest.mark.parametrize(("path", "expect"), [
-    ("/status/401", "HTTP 401"),
-    ("/status/429", "HTTP 429"),
-    ("/status/503", "HTTP 503"),
+    ("/status/401", "401 Unauthorized: answering 401 on purpose, check --api-key"),
+    ("/status/429", "429 Too Many Requests: answering 429 on purpose, rate limited"),
+    ("/status/503", "503 Service Unavailable: answering 503 on purpose, no worker available"),
 ])
 def test_http_errors_give_one_line_cause_a_report_and_exit_1(server: str, tmp_path: Path, path: str, expect: str):
     out = tmp_path / "e.json"

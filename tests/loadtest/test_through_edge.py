@@ -67,7 +67,7 @@ async def test_a_wrong_key_at_the_edge_is_a_401_with_the_edges_reason(edge: tupl
     res = await measure(url=url + "/", api_key="eik_not-a-real-key", ca=str(s.pki.ca), rate=20, duration=5,
                         warmup=0)
     assert res["ok"] == 0 and res["status_counts"].keys() == {"401"}
-    assert "HTTP 401" in res["cause"] and "API key" in res["cause"] and "--api-key" in res["cause"]
+    assert "401 Unauthorized" in res["cause"] and "API key" in res["cause"] and "--api-key" in res["cause"]
     assert res["tunnel_rtt_ms"] is None
 
 
@@ -79,4 +79,23 @@ async def test_the_edges_rate_limit_shows_as_429s_beside_the_successes(edge: tup
     assert res["status_counts"].get("429", 0) >= 50
     assert 5 <= res["ok"] <= 25
     assert res["latency_ms"]["count"] == res["ok"]
-    assert "HTTP 429" in res["cause"] and "rate limit" in res["cause"]
+    assert "429 Too Many Requests" in res["cause"] and "rate limit" in res["cause"]
+
+
+async def test_a_run_failing_in_its_warm_up_reports_its_failures_first_never_0_errors(edge: tuple[System, str]):
+    s, url = edge
+    # Every request is a 401 and the run stops (fail-fast) inside its 1 s warm-up.
+    res = await measure(url=url + "/", api_key="eik_not-a-real-key", ca=str(s.pki.ca), rate=13, duration=5,
+                        warmup=1)
+    n = res["requests"]
+    assert n >= 10 and res["errors"] == n and res["ok"] == 0
+    assert res["cause"].startswith(f"{n} of {n} failed: 401 Unauthorized") and "check --api-key" in res["cause"]
+    assert res["counts_note"] and "warm-up" in res["counts_note"]
+
+
+async def test_an_unknown_pool_names_the_pool_option_not_the_url(edge: tuple[System, str]):
+    s, url = edge
+    res = await measure(url=url + "/", api_key=s.pki.client_key, ca=str(s.pki.ca), pool="no-such-pool",
+                        concurrency=1, requests=3, warmup=0)
+    assert res["errors"] == 3 and res["error_codes"] == {"HTTP 404": "unknown_pool"}
+    assert "check --pool (sent as X-Pool)" in res["cause"] and "--url" not in res["cause"]
