@@ -16,7 +16,8 @@ from httpcontract.request_id import accept as accept_request_id
 
 from .auth import presented_key
 from .errors import EdgeError, error_response
-from .routing import Route, classify
+from .proxy import resolve_pool
+from .routing import Route, classify, is_public_page
 from .state import STATE
 from .websocket import is_upgrade as websocket_upgrade
 from .websocket import subprotocol_key
@@ -51,6 +52,10 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
 @web.middleware
 async def client_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     route = request[ROUTE]
+    if route is Route.PROXY and is_public_page(request.method, resolve_pool(request)[1],
+                                               request.app[STATE].config.public_path) \
+            and not websocket_upgrade(request):
+        return await handler(request)  # --public-path: a page browsers open without a key (/live)
     if route in (Route.ADMIN, Route.PROXY):
         refused = authenticate(request, admin=route is Route.ADMIN)
         if refused is not None:
