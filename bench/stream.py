@@ -14,13 +14,15 @@ Paths:
   NAME=URL    (--path, repeatable) any other WebSocket base URL serving the
               same paths, with --api-key / --ca
 
-Paths alternate at each stream count, so a drift of the machine's load hits
-them alike. Prints one table (p50, p99, RFC 3550 J, |IPDV| p99, drops,
+Paths alternate at each stream count (which goes first alternates too), and
+--rounds repeats the series, so a drift of the machine's load hits them alike;
+what a path adds is the median over rounds of each round's difference. Prints one table (p50, p99, RFC 3550 J, |IPDV| p99, drops,
 misses, late sends) and, for every path beside `direct`, what it adds. A
 benchmark: asserts nothing, exits 0.
 
     python bench/stream.py                                  # ~2 min
     python bench/stream.py --streams 1,8 --seconds 5 --edge
+    python bench/stream.py --edge --rounds 3                # docs/benchmarks.md
     python bench/stream.py --path lan=wss://10.0.0.5:8443 --api-key $KEY --ca ca.pem
 """
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -96,6 +99,15 @@ async def measure(path: Path_, route: str, streams: int, a: argparse.Namespace,
     return streamreport.analyse(run)
 
 
+def added_by(direct: dict[str, Any], other: dict[str, Any]) -> tuple[float, float, float] | None:
+    """(p50, p99, RFC 3550 J) of `other` minus `direct`, in ms; None if either has no answers."""
+    d, v = direct["latency_ms"], other["latency_ms"]
+    if d["p50"] is None or v["p50"] is None:
+        return None
+    return (v["p50"] - d["p50"], v["p99"] - d["p99"],
+            (other["jitter_ms"]["rfc3550"] or 0) - (direct["jitter_ms"]["rfc3550"] or 0))
+
+
 def _f(v: Any, digits: int = 2) -> str:
     return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
@@ -127,6 +139,8 @@ async def main() -> int:
     ap.add_argument("--deadline-ms", type=float, default=1000.0, help="deadline of every frame")
     ap.add_argument("--delay-ms", type=float, default=0.0,
                     help="0: the upstream echoes each frame; D: it answers {seq} D ms after each frame")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the whole series this many times (paths interleaved), and report the median added")
     ap.add_argument("--edge", action="store_true",
                     help="also through an edge + tunnel + agent started here (needs WebSocket passthrough)")
     ap.add_argument("--path", action="append", default=[], metavar="NAME=URL",
@@ -152,29 +166,37 @@ async def main() -> int:
                     ap.error(f"--path {spec!r}: expected NAME=URL")
                 paths.append(Path_(name, url.rstrip("/"), a.api_key, a.ca))
             print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; {a.fps:g} fps, "
-                  f"{len(frames[0][1])} B frames, {a.seconds:g} s per point, upstream {route}", flush=True)
-            results: dict[tuple[str, int], dict[str, Any]] = {}
+                  f"{len(frames[0][1])} B frames, {a.seconds:g} s per point, upstream {route}, "
+                  f"{a.rounds} round(s)", flush=True)
+            results: dict[tuple[str, int], list[dict[str, Any]]] = {}
             rows = []
-            for n in a.streams:
-                for p in paths:
-                    print(f"  {p.name}, {n} stream(s) ...", end="", flush=True)
-                    r = await measure(p, route, n, a, frames)
-                    results[(p.name, n)] = r
-                    rows.append(row(p.name, n, r))
-                    print(f" p50 {_f(r['latency_ms']['p50'])} ms" + (f" ({r['cause']})" if r["cause"] else ""),
-                          flush=True)
+            for rnd in range(a.rounds):
+                for n in a.streams:
+                    # Alternate which path goes first, so neither always runs on the warmer machine.
+                    for p in paths if (rnd + n) % 2 == 0 else paths[::-1]:
+                        print(f"  round {rnd + 1}, {p.name}, {n} stream(s) ...", end="", flush=True)
+                        r = await measure(p, route, n, a, frames)
+                        results.setdefault((p.name, n), []).append(r)
+                        rows.append(row(p.name, n, r))
+                        print(f" p50 {_f(r['latency_ms']['p50'])} ms, load {os.getloadavg()[0]:.2f}"
+                              + (f" ({r['cause']})" if r["cause"] else ""), flush=True)
             print()
             print_table(rows)
             for p in paths[1:]:
-                print(f"\nwhat '{p.name}' adds to direct:")
+                print(f"\nwhat '{p.name}' adds to direct (median over rounds of the per-round difference; "
+                      "each round's in brackets):")
                 for n in a.streams:
-                    d, v = results[("direct", n)], results[(p.name, n)]
-                    if d["latency_ms"]["p50"] is None or v["latency_ms"]["p50"] is None:
+                    added = [added_by(d, v) for d, v in zip(results[("direct", n)], results[(p.name, n)],
+                                                              strict=True)]
+                    if any(x is None for x in added):
                         print(f"  {n:>3} streams: -")
                         continue
-                    print(f"  {n:>3} streams: p50 +{v['latency_ms']['p50'] - d['latency_ms']['p50']:.3f} ms, "
-                          f"p99 +{v['latency_ms']['p99'] - d['latency_ms']['p99']:.3f} ms, RFC 3550 J "
-                          f"+{(v['jitter_ms']['rfc3550'] or 0) - (d['jitter_ms']['rfc3550'] or 0):.3f} ms")
+                    cols = []
+                    for i, what in enumerate(("p50", "p99", "RFC 3550 J")):
+                        vals = [x[i] for x in added if x is not None]
+                        each = ", ".join(f"{v:+.2f}" for v in vals)
+                        cols.append(f"{what} {statistics.median(vals):+.3f} ms [{each}]")
+                    print(f"  {n:>3} streams: " + "; ".join(cols))
             print("\nlatency from each frame's scheduled send to its answer; J = RFC 3550 interarrival jitter "
                   "(mean of the streams'); |IPDV| between consecutive frames of a stream; late = sends > 1 ms "
                   "behind schedule (the generator's own lag)")
