@@ -34,6 +34,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,14 @@ class Path_:
     base: str  # ws[s]://host:port, the upstream's paths appended
     api_key: str | None = None
     ca: str | None = None
+    pids: dict[str, int] | None = None  # processes of this path besides the client and upstream, for CPU shares
+
+
+def cpu_seconds(pid: int | str) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _counts(value: str) -> list[int]:
@@ -87,16 +96,25 @@ async def start_edge(system: System, upstream_port: int) -> Path_:
     _, edge_url = await system.edge("edge")
     system.agent("agent-1", edge_url, f"http://127.0.0.1:{upstream_port}", capacity=64)
     await system.wait_available(edge_url, ["agent-1"])
-    return Path_("via edge", edge_url.replace("https://", "wss://"), system.pki.client_key, str(system.pki.ca))
+    pids = {p.name: p.pid for p in system.procs}
+    return Path_("via edge", edge_url.replace("https://", "wss://"), system.pki.client_key, str(system.pki.ca),
+                 {"edge": pids["edge"], "agent": pids["agent-1"]})
 
 
 async def measure(path: Path_, route: str, streams: int, a: argparse.Namespace,
-                  frames: list[tuple[str, bytes]]) -> dict[str, Any]:
+                  frames: list[tuple[str, bytes]], upstream_pid: int) -> dict[str, Any]:
     cfg = StreamConfig(url=path.base + route, api_key=path.api_key, ca=path.ca, fps=a.fps, duration=a.seconds,
                        streams=streams, frame_bytes=a.frame_bytes, deadline_ms=a.deadline_ms)
     run = StreamRun(cfg, frames=frames)
+    procs: dict[str, int | str] = {"client": "self", "upstream": upstream_pid, **(path.pids or {})}
+    before = {k: cpu_seconds(pid) for k, pid in procs.items()}
+    t = time.monotonic()
     await run.execute()
-    return streamreport.analyse(run)
+    wall = time.monotonic() - t
+    res = streamreport.analyse(run)
+    # Each process's CPU over the point, in % of one core: who is the bottleneck.
+    res["cpu_pct"] = {k: round(100 * (cpu_seconds(pid) - before[k]) / wall) for k, pid in procs.items()}
+    return res
 
 
 def added_by(direct: dict[str, Any], other: dict[str, Any]) -> tuple[float, float, float] | None:
@@ -175,10 +193,11 @@ async def main() -> int:
                     # Alternate which path goes first, so neither always runs on the warmer machine.
                     for p in paths if (rnd + n) % 2 == 0 else paths[::-1]:
                         print(f"  round {rnd + 1}, {p.name}, {n} stream(s) ...", end="", flush=True)
-                        r = await measure(p, route, n, a, frames)
+                        r = await measure(p, route, n, a, frames, upstream.pid)
                         results.setdefault((p.name, n), []).append(r)
                         rows.append(row(p.name, n, r))
-                        print(f" p50 {_f(r['latency_ms']['p50'])} ms, load {os.getloadavg()[0]:.2f}"
+                        cpu = ", ".join(f"{k} {v}%" for k, v in r["cpu_pct"].items())
+                        print(f" p50 {_f(r['latency_ms']['p50'])} ms, load {os.getloadavg()[0]:.2f}, CPU {cpu}"
                               + (f" ({r['cause']})" if r["cause"] else ""), flush=True)
             print()
             print_table(rows)
@@ -199,7 +218,7 @@ async def main() -> int:
                     print(f"  {n:>3} streams: " + "; ".join(cols))
             print("\nlatency from each frame's scheduled send to its answer; J = RFC 3550 interarrival jitter "
                   "(mean of the streams'); |IPDV| between consecutive frames of a stream; late = sends > 1 ms "
-                  "behind schedule (the generator's own lag)")
+                  "behind schedule (the generator's own lag); CPU = each process's share of one core over the point")
         finally:
             if system is not None:
                 await system.close()
