@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 from httpcontract.timing import parse as parse_server_timing  # noqa: F401  (the loadtest API)
 
+__all__ = ["parse_server_timing"]  # re-exported: report.py and streamreport.py use it from here
+
 # Entries of the timing contract, outermost hop last.
 INFERENCE = ("decode", "preprocess", "queue", "infer", "postprocess", "app")
 AGENT = ("upstream", "agent")

@@ -267,10 +267,11 @@ def _detail(body: bytes) -> str:
     except ValueError:
         return " ".join(text.split())[:160]
     if isinstance(data, dict):
-        for k in ("detail", "message", "error"):
-            v = data.get(k)
-            if isinstance(v, str):
-                return v[:160]
+        found = [v for k in ("detail", "message", "error") if isinstance(v := data.get(k), str) and v.strip()]
+        # A sentence beats a code word: the inference server answers
+        # {"message": "error", "error": "model 'x' is not loaded here; ..."}.
+        for v in sorted(found, key=lambda v: " " not in v.strip()):
+            return v[:160]
     return " ".join(text.split())[:160]
 
 

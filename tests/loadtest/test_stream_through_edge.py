@@ -108,3 +108,17 @@ async def test_drop_latest_under_a_burst_through_the_edge(edge: tuple[System, st
     res = run_stream(s, wss + "?drop=none", tmp_path / "none.json", "--fps", "200", "--frames", "60")
     assert res["frames_sent"] == 60 and res["dropped_by_server"] == 0, res
     assert res["frames_answered"] + res["unanswered"] == 60 and res["unmatched_answers"] == 0
+
+
+async def test_a_refused_upgrade_through_the_edge_says_why(edge: tuple[System, str], tmp_path: Path) -> None:
+    """?model= names a model the server does not run: the server refuses the
+    upgrade with 404 before it, the edge relays the status, and loadtest
+    prints the server's own reason (asked again as a plain GET)."""
+    s, url = edge
+    wss = url.replace("https://", "wss://") + "/pools/vision/stream?model=no-such-model"
+    r = loadtest("stream", "--url", wss, "--api-key", s.pki.client_key, "--ca", str(s.pki.ca), "--fps", "10",
+                 "--frames", "3", "--json", str(tmp_path / "refused.json"), timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    res = json.loads((tmp_path / "refused.json").read_text())
+    assert res["streams_connected"] == 0 and res["streams"][0]["upgrade_status"] == 404
+    assert "HTTP 404" in res["cause"] and "no-such-model" in res["cause"] and "not loaded" in res["cause"], res["cause"]
