@@ -4,6 +4,8 @@ else is (other methods, other spellings, WebSocket upgrades)."""
 
 from __future__ import annotations
 
+import os
+
 import aiohttp
 from yarl import URL
 
@@ -54,3 +56,15 @@ async def test_without_the_option_every_proxied_path_needs_a_key(system: System)
     await system.wait_available(edge, ["w1"])
     async with system.http().get(edge + "/stats") as r:
         assert r.status == 401
+
+
+def test_a_bad_public_path_is_a_one_line_start_up_error() -> None:
+    import subprocess
+
+    from tests.harness import PY, ROOT
+    for bad, env in (("live", False), ("/_edge/workers", False), ("/live?x=1", True)):
+        args = [PY, "-m", "edge_proxy", "serve"] + ([] if env else ["--public-path", bad])
+        r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "EDGE_PUBLIC_PATH": bad} if env else None)
+        assert r.returncode == 2, (bad, r.stderr)
+        assert "public" in r.stderr.lower() and repr(bad) in r.stderr and "Traceback" not in r.stderr, r.stderr
