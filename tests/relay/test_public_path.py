@@ -5,12 +5,13 @@ else is (other methods, other spellings, WebSocket upgrades)."""
 from __future__ import annotations
 
 import os
+import subprocess
 
 import aiohttp
 from yarl import URL
 
 from edge_proxy.routing import is_public_page
-from tests.harness import System
+from tests.harness import PY, ROOT, System
 
 
 def test_only_plain_get_and_head_of_a_listed_path_are_public() -> None:
@@ -59,9 +60,6 @@ async def test_without_the_option_every_proxied_path_needs_a_key(system: System)
 
 
 def test_a_bad_public_path_is_a_one_line_start_up_error() -> None:
-    import subprocess
-
-    from tests.harness import PY, ROOT
     for bad, env in (("live", False), ("/_edge/workers", False), ("/live?x=1", True)):
         args = [PY, "-m", "edge_proxy", "serve"] + ([] if env else ["--public-path", bad])
         r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60,
