@@ -39,6 +39,7 @@ from tunnel.wsmessages import Kind
 
 from . import proxy
 from .errors import error_response
+from .overload import is_load_signal
 from .registry import NoWorkerAvailable
 from .session import EdgeSession, HeadTooLarge
 
@@ -121,6 +122,7 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
     lb = time.monotonic() - t_lb
     state.metrics.queue_wait.labels(pool_name).observe(lb)
     ok: bool | None = None
+    shed = False
     try:
         session = lease.worker.live_session()
         worker_id = lease.worker.agent_id
@@ -158,7 +160,9 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
             extra.append(timing_entry("tunnel_rtt", session.rtt))
         if rhead.status != 101:
             # The upstream refused the upgrade: plain HTTP, as it answered.
-            ok = rhead.status < 500
+            # A 503 + Retry-After or 429 is load, not failure (as for HTTP).
+            shed = is_load_signal(rhead.status, rhead.headers)
+            ok = None if shed else rhead.status < 500
             return await _refusal(io, ch, rhead.status, rhead.headers, worker_timing, extra, started, request_id)
         chosen = next((v.strip() for n, v in rhead.headers if n.lower() == "sec-websocket-protocol"), "")
         if chosen and chosen not in app_protocols:
@@ -188,7 +192,7 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
         await _relay(state, pool_name, request_id, worker_id, ws, relay)
         return ws
     finally:
-        lease.release(ok, None)
+        lease.release(ok, None, shed=shed)
 
 
 async def _relay(state: EdgeState, pool: str, request_id: str, worker_id: str, ws: web.WebSocketResponse,
