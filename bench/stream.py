@@ -14,13 +14,15 @@ Paths:
   NAME=URL    (--path, repeatable) any other WebSocket base URL serving the
               same paths, with --api-key / --ca
 
-Paths alternate at each stream count, so a drift of the machine's load hits
-them alike. Prints one table (p50, p99, RFC 3550 J, |IPDV| p99, drops,
+Paths alternate at each stream count (which goes first alternates too), and
+--rounds repeats the series, so a drift of the machine's load hits them alike;
+what a path adds is the median over rounds of each round's difference. Prints one table (p50, p99, RFC 3550 J, |IPDV| p99, drops,
 misses, late sends) and, for every path beside `direct`, what it adds. A
 benchmark: asserts nothing, exits 0.
 
     python bench/stream.py                                  # ~2 min
     python bench/stream.py --streams 1,8 --seconds 5 --edge
+    python bench/stream.py --edge --rounds 3                # docs/benchmarks.md
     python bench/stream.py --path lan=wss://10.0.0.5:8443 --api-key $KEY --ca ca.pem
 """
 
@@ -29,8 +31,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +57,14 @@ class Path_:
     base: str  # ws[s]://host:port, the upstream's paths appended
     api_key: str | None = None
     ca: str | None = None
+    pids: dict[str, int] | None = None  # processes of this path besides the client and upstream, for CPU shares
+
+
+def cpu_seconds(pid: int | str) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _counts(value: str) -> list[int]:
@@ -84,16 +96,34 @@ async def start_edge(system: System, upstream_port: int) -> Path_:
     _, edge_url = await system.edge("edge")
     system.agent("agent-1", edge_url, f"http://127.0.0.1:{upstream_port}", capacity=64)
     await system.wait_available(edge_url, ["agent-1"])
-    return Path_("via edge", edge_url.replace("https://", "wss://"), system.pki.client_key, str(system.pki.ca))
+    pids = {p.name: p.pid for p in system.procs}
+    return Path_("via edge", edge_url.replace("https://", "wss://"), system.pki.client_key, str(system.pki.ca),
+                 {"edge": pids["edge"], "agent": pids["agent-1"]})
 
 
 async def measure(path: Path_, route: str, streams: int, a: argparse.Namespace,
-                  frames: list[tuple[str, bytes]]) -> dict[str, Any]:
+                  frames: list[tuple[str, bytes]], upstream_pid: int) -> dict[str, Any]:
     cfg = StreamConfig(url=path.base + route, api_key=path.api_key, ca=path.ca, fps=a.fps, duration=a.seconds,
                        streams=streams, frame_bytes=a.frame_bytes, deadline_ms=a.deadline_ms)
     run = StreamRun(cfg, frames=frames)
+    procs: dict[str, int | str] = {"client": "self", "upstream": upstream_pid, **(path.pids or {})}
+    before = {k: cpu_seconds(pid) for k, pid in procs.items()}
+    t = time.monotonic()
     await run.execute()
-    return streamreport.analyse(run)
+    wall = time.monotonic() - t
+    res = streamreport.analyse(run)
+    # Each process's CPU over the point, in % of one core: who is the bottleneck.
+    res["cpu_pct"] = {k: round(100 * (cpu_seconds(pid) - before[k]) / wall) for k, pid in procs.items()}
+    return res
+
+
+def added_by(direct: dict[str, Any], other: dict[str, Any]) -> tuple[float, float, float] | None:
+    """(p50, p99, RFC 3550 J) of `other` minus `direct`, in ms; None if either has no answers."""
+    d, v = direct["latency_ms"], other["latency_ms"]
+    if d["p50"] is None or v["p50"] is None:
+        return None
+    return (v["p50"] - d["p50"], v["p99"] - d["p99"],
+            (other["jitter_ms"]["rfc3550"] or 0) - (direct["jitter_ms"]["rfc3550"] or 0))
 
 
 def _f(v: Any, digits: int = 2) -> str:
@@ -127,6 +157,8 @@ async def main() -> int:
     ap.add_argument("--deadline-ms", type=float, default=1000.0, help="deadline of every frame")
     ap.add_argument("--delay-ms", type=float, default=0.0,
                     help="0: the upstream echoes each frame; D: it answers {seq} D ms after each frame")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the whole series this many times (paths interleaved), and report the median added")
     ap.add_argument("--edge", action="store_true",
                     help="also through an edge + tunnel + agent started here (needs WebSocket passthrough)")
     ap.add_argument("--path", action="append", default=[], metavar="NAME=URL",
@@ -152,32 +184,41 @@ async def main() -> int:
                     ap.error(f"--path {spec!r}: expected NAME=URL")
                 paths.append(Path_(name, url.rstrip("/"), a.api_key, a.ca))
             print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; {a.fps:g} fps, "
-                  f"{len(frames[0][1])} B frames, {a.seconds:g} s per point, upstream {route}", flush=True)
-            results: dict[tuple[str, int], dict[str, Any]] = {}
+                  f"{len(frames[0][1])} B frames, {a.seconds:g} s per point, upstream {route}, "
+                  f"{a.rounds} round(s)", flush=True)
+            results: dict[tuple[str, int], list[dict[str, Any]]] = {}
             rows = []
-            for n in a.streams:
-                for p in paths:
-                    print(f"  {p.name}, {n} stream(s) ...", end="", flush=True)
-                    r = await measure(p, route, n, a, frames)
-                    results[(p.name, n)] = r
-                    rows.append(row(p.name, n, r))
-                    print(f" p50 {_f(r['latency_ms']['p50'])} ms" + (f" ({r['cause']})" if r["cause"] else ""),
-                          flush=True)
+            for rnd in range(a.rounds):
+                for n in a.streams:
+                    # Alternate which path goes first, so neither always runs on the warmer machine.
+                    for p in paths if (rnd + n) % 2 == 0 else paths[::-1]:
+                        print(f"  round {rnd + 1}, {p.name}, {n} stream(s) ...", end="", flush=True)
+                        r = await measure(p, route, n, a, frames, upstream.pid)
+                        results.setdefault((p.name, n), []).append(r)
+                        rows.append(row(p.name, n, r))
+                        cpu = ", ".join(f"{k} {v}%" for k, v in r["cpu_pct"].items())
+                        print(f" p50 {_f(r['latency_ms']['p50'])} ms, load {os.getloadavg()[0]:.2f}, CPU {cpu}"
+                              + (f" ({r['cause']})" if r["cause"] else ""), flush=True)
             print()
             print_table(rows)
             for p in paths[1:]:
-                print(f"\nwhat '{p.name}' adds to direct:")
+                print(f"\nwhat '{p.name}' adds to direct (median over rounds of the per-round difference; "
+                      "each round's in brackets):")
                 for n in a.streams:
-                    d, v = results[("direct", n)], results[(p.name, n)]
-                    if d["latency_ms"]["p50"] is None or v["latency_ms"]["p50"] is None:
+                    added = [added_by(d, v) for d, v in zip(results[("direct", n)], results[(p.name, n)],
+                                                              strict=True)]
+                    if any(x is None for x in added):
                         print(f"  {n:>3} streams: -")
                         continue
-                    print(f"  {n:>3} streams: p50 +{v['latency_ms']['p50'] - d['latency_ms']['p50']:.3f} ms, "
-                          f"p99 +{v['latency_ms']['p99'] - d['latency_ms']['p99']:.3f} ms, RFC 3550 J "
-                          f"+{(v['jitter_ms']['rfc3550'] or 0) - (d['jitter_ms']['rfc3550'] or 0):.3f} ms")
+                    cols = []
+                    for i, what in enumerate(("p50", "p99", "RFC 3550 J")):
+                        vals = [x[i] for x in added if x is not None]
+                        each = ", ".join(f"{v:+.2f}" for v in vals)
+                        cols.append(f"{what} {statistics.median(vals):+.3f} ms [{each}]")
+                    print(f"  {n:>3} streams: " + "; ".join(cols))
             print("\nlatency from each frame's scheduled send to its answer; J = RFC 3550 interarrival jitter "
                   "(mean of the streams'); |IPDV| between consecutive frames of a stream; late = sends > 1 ms "
-                  "behind schedule (the generator's own lag)")
+                  "behind schedule (the generator's own lag); CPU = each process's share of one core over the point")
         finally:
             if system is not None:
                 await system.close()

@@ -37,6 +37,13 @@ def parse_hostport(value: str) -> str:
     return value
 
 
+def parse_public_path(value: str) -> str:
+    if not is_valid_health_path(value) or "?" in value or value.startswith("/_edge"):
+        raise argparse.ArgumentTypeError(f"{value!r} must be a path starting with one '/', printable ASCII without "
+                                         "spaces or '?', outside /_edge")
+    return value
+
+
 LISTEN = "Where and how to listen"
 LIMITS = "Limits"
 TIMEOUTS = "Timeouts"
@@ -96,6 +103,12 @@ class EdgeConfig:
     rate_burst: float = option(2000.0, group=CLIENTS, help="burst size per client key")
     auth_failures_per_minute: float = option(60.0, group=CLIENTS,
                                              help="failed authentications per minute from one address before 429")
+    public_path: list[str] = option(default_factory=list, flag="--public-path", repeat=True, parse=parse_public_path,
+                                    group=CLIENTS, metavar="PATH",
+                                    help="a path (at the worker, so it holds under /pools/<name> too) whose GET and "
+                                         "HEAD need no client key, e.g. /live for the inference server's live page, "
+                                         "which browsers open before they can present a key; never WebSocket "
+                                         "upgrades. Repeatable; none by default")
     # WebSockets (see docs/operations.md)
     ws_max_message: int = option(16 * 1024 * 1024, group=LIMITS,
                                  help="largest WebSocket message in bytes, either way; larger -> close 1009")

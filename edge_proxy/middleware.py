@@ -18,8 +18,9 @@ from httpcontract.request_id import accept as accept_request_id
 from .auth import Credential, presented_key
 from .browser_session import COOKIE, CSRF_FIELD, CSRF_HEADER, same_origin
 from .errors import EdgeError, error_response
+from .heads import resolve_pool
 from .inspector import KEY_NAME
-from .routing import LOGIN_PATH, Route, classify
+from .routing import LOGIN_PATH, Route, classify, is_public_page
 from .state import STATE
 from .websocket import is_upgrade as websocket_upgrade
 from .websocket import subprotocol_key
@@ -56,6 +57,10 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
 @web.middleware
 async def client_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     route = request[ROUTE]
+    if route is Route.PROXY and is_public_page(request.method, resolve_pool(request)[1],
+                                               request.app[STATE].config.public_path) \
+            and not websocket_upgrade(request):
+        return await handler(request)  # --public-path: a page browsers open without a key (/live)
     if route in (Route.ADMIN, Route.PROXY):
         csrf = None
         if (route is Route.ADMIN and request.method == "POST" and request.content_type in FORM_TYPES

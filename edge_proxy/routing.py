@@ -39,6 +39,18 @@ def normalized_path(raw_path: str) -> str:
     return norm if norm.startswith("/") else "/" + norm
 
 
+def is_public_page(method: str, worker_target: str, public_paths: list[str] | tuple[str, ...]) -> bool:
+    """Whether a proxied request may go without a client key: a GET or HEAD
+    (never a WebSocket upgrade; the caller checks) whose path at the worker
+    (after any `/pools/<name>` prefix; the query string is ignored) is one of
+    `public_paths` exactly, spelled plainly (no dot segments, doubled slashes
+    or percent-escapes that would resolve to it)."""
+    if method not in ("GET", "HEAD") or not public_paths:
+        return False
+    literal = worker_target.split("?", 1)[0]
+    return literal in public_paths and normalized_path(literal) == literal
+
+
 def classify(method: str, raw_path: str) -> tuple[Route, str]:
     """(route, normalized path) of a request."""
     norm = normalized_path(raw_path)

@@ -41,6 +41,7 @@ from tunnel.wsmessages import Kind
 from . import heads, proxy
 from .errors import error_response
 from .inspector import KEY_NAME, WORKER, LiveSocket
+from .overload import is_load_signal
 from .session import EdgeSession, HeadTooLarge
 
 if TYPE_CHECKING:
@@ -112,6 +113,7 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
     lb = time.monotonic() - t_lb
     state.metrics.queue_wait.labels(pool_name).observe(lb)
     ok: bool | None = None
+    shed = False
     try:
         session = lease.worker.live_session()
         worker_id = lease.worker.agent_id
@@ -150,7 +152,9 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
             extra.append(timing_entry("tunnel_rtt", session.rtt))
         if rhead.status != 101:
             # The upstream refused the upgrade: plain HTTP, as it answered.
-            ok = rhead.status < 500
+            # A 503 + Retry-After or 429 is load, not failure (as for HTTP).
+            shed = is_load_signal(rhead.status, rhead.headers)
+            ok = None if shed else rhead.status < 500
             return await _refusal(io, ch, rhead.status, rhead.headers, worker_timing, extra, started, request_id)
         chosen = next((v.strip() for n, v in rhead.headers if n.lower() == "sec-websocket-protocol"), "")
         if chosen and chosen not in app_protocols:
@@ -186,7 +190,7 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
             state.inspector.socket_closed(request_id)
         return ws
     finally:
-        lease.release(ok, None)
+        lease.release(ok, None, shed=shed)
 
 
 async def _relay(state: EdgeState, pool: str, request_id: str, worker_id: str, ws: web.WebSocketResponse,

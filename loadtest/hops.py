@@ -13,6 +13,8 @@ from httpcontract import timing
 
 parse_server_timing = timing.parse  # the loadtest API
 
+__all__ = ["parse_server_timing"]  # re-exported: report.py and streamreport.py use it from here
+
 # Entries of the timing contract, outermost hop last.
 INFERENCE = ("decode", "preprocess", "queue", "infer", "postprocess", "app")
 AGENT = ("upstream", "agent")

@@ -171,6 +171,26 @@ class System:
         await wait_for(up, 15, lambda: f"{name} to listen\n{p.log()}")
         return p, url
 
+    async def inference(self, name: str = "inference", *extra: str, cache_dir: Path | None = None,
+                        timeout: float = 240) -> tuple[Proc, str]:
+        """The real inference server (its default backend and model unless
+        `extra` says otherwise), waited for until /healthz is 200 (loaded and
+        warm). `cache_dir`: where it keeps converted models (default: its own)."""
+        port = free_port()
+        cache = ["--cache-dir", str(cache_dir)] if cache_dir is not None else []
+        p = self._start(name, [PY, "-m", "inference", "serve", "--host", "127.0.0.1", "--port", str(port), *cache,
+                               *extra])
+        url = f"http://127.0.0.1:{port}"
+
+        async def ready() -> bool:
+            if not p.alive():
+                raise AssertionError(f"{name} exited:\n{p.log()}")
+            async with self.http().get(url + "/healthz") as r:
+                return r.status == 200
+
+        await wait_for(ready, timeout, lambda: f"{name} to load its model\n{p.log()}", interval=0.2)
+        return p, url
+
     async def edge(self, name: str = "edge", port: int | None = None, *extra: str) -> tuple[Proc, str]:
         port = port or free_port()
         pk = self.pki

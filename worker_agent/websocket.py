@@ -46,10 +46,10 @@ def _protocols(head: RequestHead) -> list[str]:
 
 
 async def _answer_error(io: TunnelIO, ch: StreamChannel, status: int, error: str, detail: str, t0: float,
-                        request_id: str | None = None) -> None:
+                        request_id: str | None = None, extra: tuple[tuple[str, str], ...] = ()) -> None:
     body = problem.encode(status, error, detail, request_id)
     head = ResponseHead(status, (("Content-Type", problem.CONTENT_TYPE), ("Content-Length", str(len(body))),
-                                 ("Server-Timing", timing_entry("agent", time.monotonic() - t0))))
+                                 ("Server-Timing", timing_entry("agent", time.monotonic() - t0)), *extra))
     try:
         io.conn.send_response(ch.stream_id, head)
         io.flush()
@@ -75,8 +75,11 @@ async def serve(io: TunnelIO, ch: StreamChannel, head: RequestHead, http: aiohtt
         # The upstream refused (404, 403, ...): the client gets that status as plain HTTP.
         status = exc.status if 200 <= exc.status <= 599 and exc.status != 101 else 502
         log.info("upstream refused the WebSocket upgrade of %s: %s %s", head.target, exc.status, exc.message)
+        # Retry-After passes: an upstream's 503 + Retry-After is load, not failure, at the edge.
+        retry = exc.headers.get("Retry-After") if exc.headers is not None else None
         await _answer_error(io, ch, status, "upgrade_refused",
-                            f"the worker's upstream answered the upgrade with {exc.status}: {exc.message}", t0, rid)
+                            f"the worker's upstream answered the upgrade with {exc.status}: {exc.message}", t0, rid,
+                            (("Retry-After", retry),) if retry else ())
         return
     except aiohttp.ClientConnectorError as exc:
         log.warning("upstream unreachable for WebSocket %s: %s", head.target, exc.os_error)

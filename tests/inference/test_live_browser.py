@@ -94,3 +94,85 @@ async def test_live_page_talks_to_the_stream_next_to_its_own_url(server: Server)
             assert await page.evaluate("streamUrl('latest')") == "wss://edge.test/pools/gpu/stream?drop=latest"
         finally:
             await browser.close()
+
+
+async def test_live_page_through_the_edge_authenticates_with_the_subprotocol_only(server: Server,
+                                                                                  tmp_path: Path) -> None:
+    """https://EDGE/pools/vision/live#key=KEY in a real browser: the page comes
+    through the edge (--public-path /live), its WebSocket goes through the
+    edge, tunnel and agent to /stream with the key only as the `bearer.KEY`
+    subprotocol, answers come back and the figures show; the upstream never
+    sees the key. The browser trusts the test CA through Playwright's
+    `ignore_https_errors` (the context's certificate errors are ignored,
+    page and WebSocket alike); a real deployment has a real certificate.
+    Set LIVE_EDGE_SCREENSHOT=docs/img/live-edge.png to refresh the README's screenshot."""
+    from playwright.async_api import async_playwright
+
+    from tests.harness import System, make_pki, wait_for
+
+    system = System(make_pki(tmp_path / "pki"), tmp_path)
+    try:
+        _, echo = await system.upstream("echo-upstream")
+        _, edge = await system.edge("edge", None, "--public-path", "/live")
+        system.agent("vision-agent", edge, server.url, pool="vision", capacity=4)
+        system.agent("echo-agent", edge, echo, pool="echo")
+        await system.wait_available(edge, ["vision-agent", "echo-agent"])
+        key = system.pki.client_key
+        async with async_playwright() as p:
+            browser = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                context = await browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 620})
+                page = await context.new_page()
+                errors: list[str] = []
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                response = await page.goto(f"{edge}/pools/vision/live#key={key}&fps=15")
+                assert response is not None and response.status == 200
+                assert await page.evaluate("streamUrl('latest')") == \
+                    edge.replace("https://", "wss://") + "/pools/vision/stream?drop=latest"
+                await page.click("#start")
+                await page.wait_for_function("window.liveStats.answered >= 30", timeout=90_000)
+                await page.wait_for_timeout(600)  # let the figures repaint (every 250 ms)
+                assert await page.evaluate("liveStats.protocol") == "inference.v1"
+                label = await page.text_content("#label")
+                assert label and label != "—"
+                for fig in ("#p50", "#p99", "#jitter", "#afps", "#server"):
+                    text = await page.text_content(fig)
+                    assert text is not None and float(text) >= 0, (fig, text)
+                assert float(await page.text_content("#p50") or 0) > 0
+                assert "streaming 15 fps to wss://" in (await page.text_content("#status") or "")
+                shot = tmp_path / "live-edge.png"
+                await page.screenshot(path=str(shot))
+                if target := os.environ.get("LIVE_EDGE_SCREENSHOT"):
+                    shutil.copy(shot, target)
+                await page.click("#start")  # stop
+                await page.wait_for_function("window.liveStats.closed === 1000", timeout=10_000)
+                assert not errors, errors
+                # The key never left the browser but as the subprotocol, and
+                # the edge kept it: the same browser form, to an upstream that
+                # tells what its handshake carried.
+                seen = await page.evaluate("""(url) => new Promise((resolve, reject) => {
+                    const ws = new WebSocket(url, subprotocols($("key").value.trim()));
+                    ws.onopen = () => ws.send("seen");
+                    ws.onmessage = (e) => { resolve({protocol: ws.protocol, seen: JSON.parse(e.data)}); ws.close(); };
+                    ws.onclose = (e) => reject("closed " + e.code);
+                })""", edge.replace("https://", "wss://") + "/pools/echo/ws")
+                assert seen["protocol"] == "inference.v1", seen
+                assert seen["seen"]["protocols"] == "inference.v1", seen
+                assert key not in str(seen["seen"]) and "bearer." not in str(seen["seen"]).lower(), seen
+                # A wrong key: refused before any upgrade, and the page says so.
+                code = await page.evaluate("""(url) => new Promise((resolve) => {
+                    const ws = new WebSocket(url, subprotocols("eik_wrong"));
+                    ws.onopen = () => resolve("opened");
+                    ws.onclose = (e) => resolve(e.code);
+                })""", edge.replace("https://", "wss://") + "/pools/vision/stream")
+                assert code == 1006
+            finally:
+                await browser.close()
+
+        async def refused_counted() -> bool:
+            async with system.http().get(edge + "/_edge/metrics", headers=system.auth()) as r:
+                return 'edge_rejections_total{reason="bad_key"}' in await r.text()
+
+        await wait_for(refused_counted, 10, "the wrong key to be counted")
+    finally:
+        await system.close()
