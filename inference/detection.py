@@ -180,11 +180,9 @@ def detect(boxes: Array, logits: Array, *, min_score: float, max_out: int, iou_t
     `min_score`, best first, after per-class NMS. With `background`, column
     0 is the background class and never reported; each anchor reports its
     best other class (as MediaPipe does)."""
-    scores = sigmoid(logits)
-    if background:
-        scores = scores[:, 1:]
-    best = scores.argmax(axis=1)
-    best_score = scores[np.arange(len(scores)), best]
+    classes = logits[:, 1:] if background else logits
+    best = classes.argmax(axis=1)  # the sigmoid keeps the order: apply it to the winners only
+    best_score = sigmoid(classes[np.arange(len(classes)), best])
     candidates = np.flatnonzero(best_score >= min_score)
     found: list[Detection] = []
     for cls in np.unique(best[candidates]):

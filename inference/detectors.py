@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from . import tflite, weights
 from .detection import (
@@ -225,3 +225,24 @@ def resolve_detector(name: str, weights_dir: Path, weights_file: str | None = No
     else:
         labels = spec.fixed_labels
     return DetectorPlan(spec, source, labels)
+
+
+PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (210, 245, 60))
+
+
+def draw_boxes(img: Image.Image, detections: list[dict[str, Any]]) -> Image.Image:
+    """A copy of `img` with each detection's box and "label score" drawn on it."""
+    out = img.convert("RGB")
+    draw = ImageDraw.Draw(out)
+    width = max(2, round(max(out.size) / 250))
+    for d in detections:
+        color = PALETTE[d["class_id"] % len(PALETTE)]
+        x0, y0, x1, y1 = d["box"]
+        draw.rectangle((x0, y0, x1, y1), outline=color, width=width)
+        text = f"{d['label']} {d['score']:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text)
+        ty = y0 - (bottom - top) - 4 if y0 >= (bottom - top) + 4 else y0
+        draw.rectangle((x0, ty, x0 + (right - left) + 4, ty + (bottom - top) + 4), fill=color)
+        draw.text((x0 + 2, ty + 2 - top), text, fill=(255, 255, 255))
+    return out

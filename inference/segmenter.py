@@ -149,10 +149,7 @@ def choose_format(accept: str | None, mode: str) -> str | None:
     """"png" or "jpeg" for the answer, or None when the client accepts
     neither. `cutout` needs alpha: PNG only. Otherwise the type with the
     higher q in Accept wins; a tie or a wildcard gives JPEG (smaller)."""
-    if mode == "cutout":
-        allowed = ("png",)
-    else:
-        allowed = ("jpeg", "png")
+    allowed: tuple[str, ...] = ("png",) if mode == "cutout" else ("jpeg", "png")
     if not accept or not accept.strip():
         return allowed[0]
     q: dict[str, float] = {}
