@@ -36,7 +36,7 @@ class BadQuery(Exception):
     pass
 
 
-def _number(request: web.Request, name: str, default: float, lo: float, hi: float, kind: type = float) -> Any:
+def query_number(request: web.Request, name: str, default: float, lo: float, hi: float, kind: type = float) -> Any:
     text = request.query.get(name)
     if text is None:
         return default
@@ -75,8 +75,8 @@ async def detect(request: web.Request) -> web.StreamResponse:
     m = st.metrics.kind_requests
     det, batcher = st.detector, st.detect_batcher
     try:
-        min_score = _number(request, "min_score", st.vision.detector.spec.min_score, 0.0, 1.0)
-        max_out = _number(request, "max", MAX_DETECTIONS, 1, 1000, int)
+        min_score = query_number(request, "min_score", st.vision.detector.spec.min_score, 0.0, 1.0)
+        max_out = query_number(request, "max", MAX_DETECTIONS, 1, 1000, int)
     except BadQuery as exc:
         m.labels("detect", "400").inc()
         return error(400, str(exc), code="bad_query", request_id=rid)
@@ -106,7 +106,7 @@ async def detect(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def _finish(image: Any, mask_row: Any, mode: str, color: tuple[int, int, int],
+def finish_transform(image: Any, mask_row: Any, mode: str, color: tuple[int, int, int],
             fmt: str) -> tuple[bytes, float, float, float]:
     """On the decode pool: the mask at full size, the composite, the encoded
     answer. Returns (bytes, coverage, postprocess s, encode s)."""
@@ -156,7 +156,7 @@ async def transform(request: web.Request) -> web.StreamResponse:
         return error(503, f"server busy: {exc}; retry shortly", {"Retry-After": "1"}, request_id=rid)
     loop = asyncio.get_running_loop()
     data, covered, post_s, encode_s = await loop.run_in_executor(
-        st.decode_pool, _finish, prep.image, res.probs, mode, color, fmt)
+        st.decode_pool, finish_transform, prep.image, res.probs, mode, color, fmt)
     t_end = time.perf_counter()
     resp = web.Response(body=data, content_type=FORMAT_TYPES[fmt], headers={
         "X-Mask-Coverage": f"{covered:.4f}", "X-Model": seg.model, "Vary": "Accept",

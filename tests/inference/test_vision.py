@@ -4,6 +4,7 @@ local modes as real processes, and the one-line errors for missing files."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import re
@@ -236,3 +237,62 @@ def test_serve_refuses_to_start_without_the_files(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "selfie_segmentation.tflite is missing; run `make weights`" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------------------ GET /stream?model=
+
+def ws_url(server: Server, query: str) -> str:
+    return server.url.replace("http://", "ws://") + "/stream" + query
+
+
+async def receive(ws: aiohttp.ClientWebSocketResponse, timeout: float = 60) -> aiohttp.WSMessage:
+    async with asyncio.timeout(timeout):
+        return await ws.receive()
+
+
+async def test_stream_carries_detections(vision: Server, photos: dict[str, bytes]) -> None:
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(vision, "?model=ssd-mobilenet-v2&drop=none")) as ws:
+        await ws.send_bytes(photos["chelsea"])
+        await ws.send_bytes(grey_jpeg())
+        first, second = json.loads((await receive(ws)).data), json.loads((await receive(ws)).data)
+    assert first["seq"] == 0 and first["model"] == "ssd-mobilenet-v2"
+    cats = [d for d in first["detections"] if d["label"] == "Cat"]
+    assert cats and box_iou(cats[0]["box"], CHELSEA_CAT) >= 0.5
+    assert set(TIMING) <= set(first["timing"])
+    assert second["seq"] == 1 and second["detections"] == []
+
+
+async def test_stream_transformation_is_json_then_the_image(vision: Server, photos: dict[str, bytes]) -> None:
+    query = "?model=selfie-segmentation&mode=cutout&drop=none"
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(vision, query)) as ws:
+        await ws.send_bytes(photos["astronaut"])
+        await ws.send_bytes(b"not an image")
+        await ws.send_bytes(photos["chelsea"])
+        got = [await receive(ws) for _ in range(4)]
+    head0, image0, bad, head2 = (got[0], got[1], got[2], got[3])
+    meta = json.loads(head0.data)
+    assert meta["seq"] == 0 and meta["format"] == "png" and 0.3 < meta["mask_coverage"] < 0.8
+    assert {*TIMING, "encode"} <= set(meta["timing"])
+    assert image0.type == aiohttp.WSMsgType.BINARY and len(image0.data) == meta["bytes"]
+    img = Image.open(io.BytesIO(image0.data))
+    assert img.mode == "RGBA" and img.size == (512, 512)
+    assert json.loads(bad.data) == {"seq": 1, "error": "not an image in a supported format (JPEG, PNG, WebP, BMP, "
+                                                      "GIF, TIFF)"}
+    assert json.loads(head2.data)["seq"] == 2  # an error has no image after it
+
+
+@pytest.mark.parametrize("query, status", [("?model=yolo", 404), ("?model=ssd-mobilenet-v2&max=0", 400),
+                                           ("?model=selfie-segmentation&mode=cutout&format=jpeg", 400)])
+async def test_stream_refuses_unknown_models_and_bad_parameters_before_the_upgrade(vision: Server, query: str,
+                                                                                   status: int) -> None:
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await s.ws_connect(ws_url(vision, query))
+    assert info.value.status == status
+
+
+async def test_stream_without_model_still_classifies(vision: Server, photos: dict[str, bytes]) -> None:
+    async with aiohttp.ClientSession() as s, s.ws_connect(ws_url(vision, "")) as ws:
+        await ws.send_bytes(photos["chelsea"])
+        answer = json.loads((await receive(ws)).data)
+    assert answer["model"] == "efficientnet-lite0" and "label" in answer
