@@ -14,7 +14,6 @@ SSD with the same anchors and input (and `--detector-labels` for its classes).
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from .detection import (
     detect,
 )
 from .errors import ModelUnavailable
-from .imaging import decode
+from .imaging import decode_sized
 
 Array = np.ndarray[Any, Any]
 BACKEND = "tflite"
@@ -130,15 +129,6 @@ def to_input(img: Image.Image, size: int, letterbox: bool, mean: float, scale: f
     return np.ascontiguousarray(x), geo
 
 
-def image_size(data: bytes, decoded: Image.Image) -> tuple[int, int]:
-    """The sent image's size (a JPEG draft decodes smaller): from its header."""
-    try:
-        with Image.open(io.BytesIO(data)) as header:
-            return header.size
-    except Exception:  # decode() already read it once; never fail here
-        return decoded.size
-
-
 @dataclass
 class Detector:
     """A loaded detector: `predict` maps an NHWC batch to one packed row per
@@ -162,8 +152,7 @@ class Detector:
 
     def prepare(self, data: bytes, max_pixels: int) -> DetectorInput:
         t0 = time.perf_counter()
-        img = decode(data, max_pixels, draft=self.size)  # a large JPEG is decoded at a reduced scale
-        original = image_size(data, img)
+        img, original = decode_sized(data, max_pixels, draft=self.size)  # a large JPEG: decoded smaller
         t1 = time.perf_counter()
         x, geo = to_input(img, self.size, self.spec.letterbox, self.spec.mean, self.spec.scale, original)
         return DetectorInput(x, geo, t1 - t0, time.perf_counter() - t1)

@@ -296,3 +296,19 @@ async def test_stream_without_model_still_classifies(vision: Server, photos: dic
         await ws.send_bytes(photos["chelsea"])
         answer = json.loads((await receive(ws)).data)
     assert answer["model"] == "efficientnet-lite0" and "label" in answer
+
+
+async def test_a_large_jpeg_is_reported_and_boxed_in_its_own_pixels(vision: Server) -> None:
+    """Large JPEGs decode at a reduced DCT scale; the answers still speak of
+    the image sent (this was 500x375 on /photo for a 2000x1500 photo)."""
+    import skimage.data
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.chelsea()).resize((1804, 1200)).save(buf, "JPEG", quality=90)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(vision.url + "/photo", data=buf.getvalue()) as r:
+            assert (await r.json())["image"] == {"width": 1804, "height": 1200}
+        async with s.post(vision.url + "/detect", data=buf.getvalue()) as r:
+            body = await r.json()
+    assert body["image"] == {"width": 1804, "height": 1200}
+    cat = next(d for d in body["detections"] if d["label"] == "Cat")
+    assert box_iou(cat["box"], [v * 4 for v in CHELSEA_CAT]) >= 0.5, cat
