@@ -3,7 +3,11 @@ preprocess, forward pass, postprocess, encode) and through the HTTP server
 directly (POST /detect, POST /transform?mode=... on loopback, closed loop,
 keep-alive) at a few concurrencies. Prints tables; asserts nothing.
 
-    python bench/vision.py [--seconds 4] [--concurrency 1,4] [--repeats 50]
+    python bench/vision.py [--seconds 4] [--concurrency 1,4] [--repeats 50] [--edge]
+
+With --edge, every route is also measured through a real edge and worker
+agent on loopback (HTTPS to the edge, the WSS tunnel, the agent's HTTP to
+the server), as a client of the relay sees it.
 
 Needs the files of `make weights`. Photos: scikit-image's chelsea (451x300)
 for the detectors, astronaut (512x512) for the segmenter.
@@ -23,12 +27,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import ssl  # noqa: E402
+
 import aiohttp  # noqa: E402
 
 from bench.inference import pct, start  # noqa: E402
 from inference.detectors import resolve_detector  # noqa: E402
 from inference.segmenter import composite, encode, full_mask, resolve_segmenter  # noqa: E402
 from inference.weights import WeightsSettings  # noqa: E402
+from tests.harness import System, make_pki  # noqa: E402
 
 
 def jpeg(name: str) -> bytes:
@@ -85,10 +92,12 @@ def inprocess(repeats: int, threads: int) -> list[tuple[str, dict[str, float]]]:
     return rows
 
 
-async def load(url: str, body: bytes, concurrency: int, seconds: float) -> tuple[list[float], int, float]:
+async def load(url: str, body: bytes, concurrency: int, seconds: float, headers: dict[str, str] | None = None,
+               tls: ssl.SSLContext | None = None) -> tuple[list[float], int, float]:
     lat: list[float] = []
     errors = 0
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as s:
+    connector = aiohttp.TCPConnector(limit=concurrency, ssl=tls if tls is not None else True)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as s:
         async def one() -> None:
             nonlocal errors
             t = time.perf_counter()
@@ -112,12 +121,25 @@ async def load(url: str, body: bytes, concurrency: int, seconds: float) -> tuple
         return lat, errors, time.perf_counter() - begin
 
 
+async def relay(work: Path, upstream: str) -> tuple[System, str]:
+    """An edge and one agent in front of `upstream`, all real processes."""
+    system = System(make_pki(work / "pki"), work)
+    _, edge = await system.edge("edge", None, "--rate-limit", "0", "--log-level", "warning")
+    system.agent("agent", edge, upstream, "--log-level", "warning", capacity=16)
+    await system.wait_available(edge, ["agent"])
+    if system.session is not None:
+        await system.session.close()
+        system.session = None
+    return system, edge
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--concurrency", default="1,4")
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--threads", type=int, default=2, help="TFLite threads in-process (the server's plan: all cores)")
+    p.add_argument("--edge", action="store_true", help="also measure through an edge and a worker agent")
     a = p.parse_args()
     levels = [int(c) for c in a.concurrency.split(",")]
 
@@ -128,29 +150,38 @@ def main() -> int:
         total = r["prep"] + r["fwd"] + r["post"] + r["enc"]
         print(f"| {name} | {r['prep']:.2f} | {r['fwd']:.2f} | {r['post']:.2f} | {r['enc']:.2f} | {1000 / total:.0f} |")
 
-    print("\nServer, direct (img/s, p50 ms, p99 ms):\n")
-    print("| route | " + " | ".join(f"c={c}" for c in levels) + " |")
-    print("| --- | " + " | ".join("---" for _ in levels) + " |")
+    print("\nServer, direct" + (" and through the edge" if a.edge else "") + " (img/s, p50 ms, p99 ms):\n")
+    print("| route | path | " + " | ".join(f"c={c}" for c in levels) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in levels) + " |")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for detector in ("ssd-mobilenet-v2", "blazeface"):
             proc, url = start("onnxruntime", work / "cache", work, 8,
                               ["--kinds", "detect,transform", "--detector", detector], name=f"vision-{detector}")
             try:
+                targets = [("direct", url, None, None)]
+                system = None
+                if a.edge:
+                    system, edge = asyncio.run(relay(work / detector, url))
+                    targets.append(("via edge", edge, system.auth(), system.pki.client_ssl()))
                 routes = [(f"POST /detect ({detector})", "/detect", jpeg("chelsea" if detector != "blazeface"
                                                                          else "astronaut"))]
                 if detector == "ssd-mobilenet-v2":
                     routes += [(f"POST /transform?mode={m}", f"/transform?mode={m}", jpeg("astronaut"))
                                for m in ("blur", "replace", "cutout")]
                 for label, path, body in routes:
-                    cells = []
-                    for c in levels:
-                        lat, errors, took = asyncio.run(load(url + path, body, c, a.seconds))
-                        ms = sorted(x * 1e3 for x in lat)
-                        cells.append(f"{len(lat) / took:.0f}, {pct(ms, 0.5):.2f}, {pct(ms, 0.99):.2f}"
-                                     + (f" ({errors} errors)" if errors else ""))
-                    print(f"| {label} | " + " | ".join(cells) + " |")
+                    for where, base, headers, tls in targets:
+                        cells = []
+                        for c in levels:
+                            lat, errors, took = asyncio.run(load(base + path, body, c, a.seconds, headers, tls))
+                            ms = sorted(x * 1e3 for x in lat)
+                            cells.append(f"{len(lat) / took:.0f}, {pct(ms, 0.5):.2f}, {pct(ms, 0.99):.2f}"
+                                         + (f" ({errors} errors)" if errors else ""))
+                        print(f"| {label} | {where} | " + " | ".join(cells) + " |", flush=True)
             finally:
+                if system is not None:
+                    for p_ in reversed(system.procs):
+                        p_.stop()
                 proc.stop()
     return 0
 
