@@ -312,3 +312,14 @@ async def test_a_large_jpeg_is_reported_and_boxed_in_its_own_pixels(vision: Serv
     assert body["image"] == {"width": 1804, "height": 1200}
     cat = next(d for d in body["detections"] if d["label"] == "Cat")
     assert box_iou(cat["box"], [v * 4 for v in CHELSEA_CAT]) >= 0.5, cat
+
+
+def test_weights_fetch_is_a_no_op_once_the_files_are_there(tmp_path: Path) -> None:
+    real = WeightsSettings().path()
+    ok = subprocess.run([PY, "-m", "inference.weights", "fetch", "--weights-dir", str(real)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "already complete" in ok.stdout, ok.stderr  # no download: nothing missing
+    check = subprocess.run([PY, "-m", "inference.weights", "check", "--weights-dir", str(tmp_path)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode != 0
+    assert check.stderr.count("\n") == 1 and "missing or damaged" in check.stderr and "make weights" in check.stderr
