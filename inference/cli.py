@@ -34,11 +34,13 @@ T = TypeVar("T")
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import ModelSettings, ServerConfig
-    p = argparse.ArgumentParser(prog="inference-server", description="ImageNet classification over HTTP or locally. "
+    p = argparse.ArgumentParser(prog="inference-server", description="ImageNet classification, object and face detection, and background "
+                                "blur/replace/cut-out, over HTTP or locally. "
                                 "Every option also reads the environment variable named in its help; a flag beats "
                                 "the variable.")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="run the HTTP server (GET /, POST /photo, /stream, /live, /healthz, /metrics)",
+    s = sub.add_parser("serve", help="run the HTTP server (GET /, POST /photo, /detect, /transform, /stream, /live, /healthz, "
+                            "/metrics)",
                        description="Serve POST /photo (raw image body -> JSON class) and GET /stream with dynamic "
                                    "batching.")
     settings.add_arguments(s, ServerConfig, ENV_PREFIX)
