@@ -17,3 +17,9 @@ SUPPORTED = {
 # onnxruntime ~6-8 ms/image, opencv-dnn ~7-12, tensorflow ~16-20.
 PREFERENCE = ("onnxruntime", "opencv-dnn", "tensorflow")
 AUTO = "auto"
+
+# The other model kinds (docs/inference.md, "Model kinds"): what a server can
+# load beside, or instead of, the classifier; all run on TensorFlow Lite.
+KINDS = ("classify", "detect", "transform")
+DETECTORS = ("ssd-mobilenet-v2", "blazeface")
+SEGMENTERS = ("selfie-segmentation",)

@@ -1,5 +1,5 @@
-"""Command line of the inference server: `serve` (HTTP) and `classify` (local
-mode, the seed's singleton scripts). The options are declared once in
+"""Command line of the inference server: `serve` (HTTP), and the local modes
+`classify` (the seed's singleton scripts), `detect` and `transform`. The options are declared once in
 config.py; every one also reads an INFER_* environment variable."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from runtime.cli import StartupError, run_main, setup_logging
 if TYPE_CHECKING:
     from .config import ModelSettings, ServerConfig
     from .models import ModelPlan
+    from .state import VisionPlans
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 
@@ -33,11 +34,13 @@ T = TypeVar("T")
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import ModelSettings, ServerConfig
-    p = argparse.ArgumentParser(prog="inference-server", description="ImageNet classification over HTTP or locally. "
+    p = argparse.ArgumentParser(prog="inference-server", description="ImageNet classification, object and face detection, and background "
+                                "blur/replace/cut-out, over HTTP or locally. "
                                 "Every option also reads the environment variable named in its help; a flag beats "
                                 "the variable.")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="run the HTTP server (GET /, POST /photo, /stream, /live, /healthz, /metrics)",
+    s = sub.add_parser("serve", help="run the HTTP server (GET /, POST /photo, /detect, /transform, /stream, /live, /healthz, "
+                            "/metrics)",
                        description="Serve POST /photo (raw image body -> JSON class) and GET /stream with dynamic "
                                    "batching.")
     settings.add_arguments(s, ServerConfig, ENV_PREFIX)
@@ -47,6 +50,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--top", type=int, default=1, help="classes to print per image (default: 1)")
     c.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
     settings.add_arguments(c, ModelSettings, ENV_PREFIX)
+    d = sub.add_parser("detect", help="detect objects (or faces) in image files in-process, no server",
+                       description="Load the detector (--detector) in-process and print the boxes found per file; "
+                                   "with --out, also write each image with its boxes drawn.")
+    d.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    d.add_argument("--min-score", type=float, default=None, help="report boxes scoring at least this (0-1; default: "
+                   "the detector's own, 0.5)")
+    d.add_argument("--max", type=int, default=100, help="boxes per image at most (default: 100)")
+    d.add_argument("--out", metavar="DIR", help="write IMAGE's boxes drawn on it as DIR/NAME.detect.jpg")
+    d.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
+    settings.add_arguments(d, ModelSettings, ENV_PREFIX)
+    t = sub.add_parser("transform", help="blur, replace or cut out the background of image files in-process",
+                       description="Load the person segmenter (--segmenter) in-process; print each file's mask "
+                                   "coverage and timings; with --out, write the transformed image.")
+    t.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    t.add_argument("--mode", choices=("blur", "replace", "cutout"), default="blur",
+                   help="blur the background, replace it with --color, or cut the person out (PNG with alpha) "
+                        "(default: blur)")
+    t.add_argument("--color", default="00b140", help="replace: background colour RRGGBB (default: 00b140)")
+    t.add_argument("--out", metavar="DIR", help="write DIR/NAME.MODE.jpg (cutout: .png)")
+    t.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
+    settings.add_arguments(t, ModelSettings, ENV_PREFIX)
     return p
 
 
@@ -67,13 +91,26 @@ def _plan(m: ModelSettings) -> ModelPlan:
     return plan
 
 
+def _vision(m: ModelSettings, kinds: list[str]) -> VisionPlans:
+    """The detection and transformation models asked for, files checked now."""
+    from .detectors import resolve_detector
+    from .segmenter import resolve_segmenter
+    from .state import VisionPlans
+    directory = m.files.path()
+    det = (resolve_detector(m.detector, directory, m.detector_weights, m.detector_labels)
+           if "detect" in kinds else None)
+    seg = resolve_segmenter(m.segmenter, directory, m.segmenter_weights) if "transform" in kinds else None
+    return VisionPlans(det, seg)
+
+
 async def _serve(config: ServerConfig) -> int:
     from aiohttp import web
 
     from .server import make_app
     from .state import STATE
     plan = _plan(config.model)
-    app = make_app(plan, config)
+    vision = _vision(config.model, config.kinds)
+    app = make_app(plan, config, vision)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
     await runner.setup()
     try:
@@ -85,8 +122,8 @@ async def _serve(config: ServerConfig) -> int:
                                "pick another with --port (INFER_PORT)") from None
         raise StartupError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}; "
                            "check --host/--port (INFER_HOST/INFER_PORT)") from None
-    log.info("listening on http://%s:%d (%s on %s); loading the model, /healthz is 503 until it is warm",
-             config.host, config.port, plan.model, plan.backend)
+    log.info("listening on http://%s:%d (%s); loading, /healthz is 503 until every model is warm",
+             config.host, config.port, ", ".join(_kinds_text(config, plan, vision)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -110,6 +147,15 @@ async def _serve(config: ServerConfig) -> int:
         stopper.cancel()
         await runner.cleanup()
     return code
+
+
+def _kinds_text(config: ServerConfig, plan: ModelPlan, vision: VisionPlans) -> list[str]:
+    out = [f"classify: {plan.model} on {plan.backend}"] if "classify" in config.kinds else []
+    if vision.detector:
+        out.append(f"detect: {vision.detector.spec.name} on tflite")
+    if vision.segmenter:
+        out.append(f"transform: {vision.segmenter.spec.name} on tflite")
+    return out
 
 
 def _classify(a: argparse.Namespace, m: ModelSettings) -> int:
@@ -151,6 +197,134 @@ def _classify(a: argparse.Namespace, m: ModelSettings) -> int:
     return 1 if failed else 0
 
 
+def _images(names: list[str]) -> list[tuple[str, bytes | None]]:
+    out: list[tuple[str, bytes | None]] = []
+    for name in names:
+        try:
+            out.append((name, Path(name).read_bytes()))
+        except OSError as exc:
+            print(f"{name}: cannot read: {exc.strerror}", file=sys.stderr)
+            out.append((name, None))
+    return out
+
+
+def _out_dir(out: str | None) -> Path | None:
+    if out is None:
+        return None
+    d = Path(out)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"--out {out}: cannot create the directory ({exc.strerror})") from None
+    return d
+
+
+def _detect(a: argparse.Namespace, m: ModelSettings) -> int:
+    from PIL import Image
+
+    from .detectors import draw_boxes
+    from .imaging import BadImage
+    from .threads import thread_plan, usable_cores
+    threads = thread_plan(usable_cores(), m.threads)
+    plan = _vision(m, ["detect"]).detector
+    assert plan is not None
+    if a.min_score is not None and not 0 <= a.min_score <= 1:
+        raise StartupError(f"--min-score must be from 0 to 1, got {a.min_score}")
+    min_score = plan.spec.min_score if a.min_score is None else a.min_score
+    out_dir = _out_dir(a.out)
+    t0 = time.perf_counter()
+    det = plan.load(threads.intra_op)
+    print(f"# {det.model} on {det.backend}, loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    failed = 0
+    for i, (name, data) in enumerate(_images(a.images)):
+        if data is None:
+            failed += 1
+            continue
+        try:
+            prep = det.prepare(data, 40_000_000)
+        except BadImage as exc:
+            print(f"{name}: {exc.reason}", file=sys.stderr)
+            failed += 1
+            continue
+        t = time.perf_counter()
+        row = det.predict(prep.array[None])[0]
+        infer = time.perf_counter() - t
+        t = time.perf_counter()
+        found = det.decode(row, prep.geometry, min_score, max(1, a.max))
+        post = time.perf_counter() - t
+        timing = {"decode_ms": round(prep.decode_s * 1000, 2), "preprocess_ms": round(prep.preprocess_s * 1000, 2),
+                  "infer_ms": round(infer * 1000, 2), "postprocess_ms": round(post * 1000, 2), "first": i == 0}
+        written = None
+        if out_dir is not None:
+            import io
+            written = out_dir / f"{Path(name).stem}.detect.jpg"
+            with Image.open(io.BytesIO(data)) as img:
+                draw_boxes(img, found).save(written, "JPEG", quality=90)
+        if a.json:
+            print(json.dumps({"file": name, "detections": found, "image": {"width": prep.width,
+                              "height": prep.height}, **({"out": str(written)} if written else {}), **timing}))
+        else:
+            boxes = "; ".join(f"{d['label']} {d['score']:.2f} [{', '.join(f'{v:g}' for v in d['box'])}]"
+                              for d in found) or "nothing above the threshold"
+            print(f"{name}: {boxes}  (infer {timing['infer_ms']} ms{', first run' if i == 0 else ''})"
+                  + (f" -> {written}" if written else ""))
+    return 1 if failed else 0
+
+
+def _transform(a: argparse.Namespace, m: ModelSettings) -> int:
+    from .imaging import BadImage
+    from .segmenter import composite, coverage, encode, full_mask, parse_color
+    from .threads import thread_plan, usable_cores
+    threads = thread_plan(usable_cores(), m.threads)
+    plan = _vision(m, ["transform"]).segmenter
+    assert plan is not None
+    try:
+        color = parse_color(a.color)
+    except ValueError as exc:
+        raise StartupError(f"--color: {exc}") from None
+    out_dir = _out_dir(a.out)
+    fmt = "png" if a.mode == "cutout" else "jpeg"
+    t0 = time.perf_counter()
+    seg = plan.load(threads.intra_op)
+    print(f"# {seg.model} on {seg.backend}, loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    failed = 0
+    for i, (name, data) in enumerate(_images(a.images)):
+        if data is None:
+            failed += 1
+            continue
+        try:
+            prep = seg.prepare(data, 40_000_000)
+        except BadImage as exc:
+            print(f"{name}: {exc.reason}", file=sys.stderr)
+            failed += 1
+            continue
+        t = time.perf_counter()
+        mask_row = seg.predict(prep.array[None])[0]
+        infer = time.perf_counter() - t
+        t = time.perf_counter()
+        mask = full_mask(mask_row, prep.width, prep.height)
+        image = composite(prep.image, mask, a.mode, color)
+        post = time.perf_counter() - t
+        t = time.perf_counter()
+        body = encode(image, fmt)
+        enc = time.perf_counter() - t
+        written = None
+        if out_dir is not None:
+            written = out_dir / f"{Path(name).stem}.{a.mode}.{'png' if fmt == 'png' else 'jpg'}"
+            written.write_bytes(body)
+        timing = {"decode_ms": round(prep.decode_s * 1000, 2), "preprocess_ms": round(prep.preprocess_s * 1000, 2),
+                  "infer_ms": round(infer * 1000, 2), "postprocess_ms": round(post * 1000, 2),
+                  "encode_ms": round(enc * 1000, 2), "first": i == 0}
+        if a.json:
+            print(json.dumps({"file": name, "mode": a.mode, "mask_coverage": round(coverage(mask), 4),
+                              **({"out": str(written)} if written else {}), **timing}))
+        else:
+            print(f"{name}: person covers {coverage(mask):.1%} (infer {timing['infer_ms']} ms, compose "
+                  f"{timing['postprocess_ms']} ms, encode {timing['encode_ms']} ms)"
+                  + (f" -> {written}" if written else ""))
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import ModelSettings, ServerConfig
     from .errors import ModelUnavailable
@@ -164,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
                 return asyncio.run(_serve(config))
             m = _resolve(ModelSettings, a)
             setup_logging(m.log_level, QUIET)
+            if a.command == "detect":
+                return _detect(a, m)
+            if a.command == "transform":
+                return _transform(a, m)
             return _classify(a, m)
         except ModelUnavailable as exc:
             raise StartupError(str(exc)) from None

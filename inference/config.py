@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 
 from runtime.settings import option
 
-from .catalog import AUTO, BACKENDS, MODELS, PREFERENCE
+from .catalog import AUTO, BACKENDS, DETECTORS, KINDS, MODELS, PREFERENCE, SEGMENTERS
 from .threads import ThreadSettings
+from .weights import WeightsSettings
 
 MODEL = "Model"
+VISION = "Detection and transformation"
 SERVE = "Serving"
 LIMITS = "Limits"
 STREAMS = "Streams (GET /stream)"
@@ -54,6 +56,21 @@ class ModelSettings:
                                    help="where converted models and downloads are kept; unset: "
                                         "~/.cache/edge-inference")
     offline: bool = option(False, group=MODEL, help="never download; fail with the name of the file to supply")
+    detector: str = option("ssd-mobilenet-v2", group=VISION, choices=DETECTORS,
+                           help="detector of POST /detect and `detect`: ssd-mobilenet-v2 (23 everyday objects, Open "
+                                "Images) or blazeface (faces)")
+    detector_weights: str | None = option(None, group=VISION, metavar="FILE",
+                                          help="another TFLite file for the detector: a raw-output SSD with the same "
+                                               "input and anchors; unset: the pinned file in --weights-dir")
+    detector_labels: str | None = option(None, group=VISION, metavar="FILE",
+                                         help="class names of --detector-weights, one per line, line 1 the "
+                                              "background; unset: the pinned label map (class_N without one)")
+    segmenter: str = option("selfie-segmentation", group=VISION, choices=SEGMENTERS,
+                            help="person segmentation model of POST /transform and `transform`")
+    segmenter_weights: str | None = option(None, group=VISION, metavar="FILE",
+                                           help="another TFLite mask model (256x256 RGB in, 256x256 mask out); "
+                                                "unset: the pinned file in --weights-dir")
+    files: WeightsSettings = field(default_factory=WeightsSettings)
     threads: ThreadSettings = field(default_factory=ThreadSettings)
     log_level: str = option("info", group=MODEL, choices=("debug", "info", "warning", "error"), help="log level")
 
@@ -62,6 +79,11 @@ class ModelSettings:
 class ServerConfig:
     """`inference-server serve`: where it listens, batching, limits, streams."""
 
+    kinds: list[str] = option(default_factory=lambda: ["classify"], group=SERVE, repeat=True, choices=KINDS,
+                              metavar="KIND[,KIND...]",
+                              help="model kinds this server loads: classify (POST /photo, /stream), detect (POST "
+                                   "/detect), transform (POST /transform); detect and transform need the files of "
+                                   "`make weights`")
     host: str = option("127.0.0.1", group=SERVE,
                        help="address to listen on; 0.0.0.0 to accept other machines")
     port: int = option(8000, group=SERVE, help="port to listen on")

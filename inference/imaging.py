@@ -50,6 +50,13 @@ class Prepared:
 
 
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> Image.Image:
+    return decode_sized(data, max_pixels, draft)[0]
+
+
+def decode_sized(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 draft: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """The decoded RGB image and the size of the image sent: with `draft`, a
+    large JPEG decodes at a reduced DCT scale, smaller than it was sent."""
     if not data:
         raise BadImage(400, "empty body: send the raw image bytes (JPEG, PNG, WebP, BMP, GIF or TIFF)")
     try:
@@ -66,7 +73,7 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None 
                 img.draft("RGB", (draft, draft))  # decode at a reduced DCT scale when the photo is large
             img.load()
             out: Image.Image = _to_8bit(img) if img.mode in HIGH_DEPTH_MODES else img
-            return out.convert("RGB") if out.mode != "RGB" else out
+            return (out.convert("RGB") if out.mode != "RGB" else out), (w, h)
     except BadImage:
         raise
     except UnidentifiedImageError:
@@ -94,8 +101,7 @@ def preprocess(img: Image.Image, spec: Preprocess) -> np.ndarray[Any, Any]:
 
 def prepare(data: bytes, spec: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> Prepared:
     t0 = time.perf_counter()
-    img = decode(data, max_pixels, draft=spec.resize)
+    img, (w, h) = decode_sized(data, max_pixels, draft=spec.resize)
     t1 = time.perf_counter()
-    w, h = img.size
     x = preprocess(img, spec)
     return Prepared(x, t1 - t0, time.perf_counter() - t1, w, h)

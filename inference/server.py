@@ -1,4 +1,5 @@
-"""The inference HTTP service (aiohttp): `GET /`, `POST /photo`, `GET /healthz`,
+"""The inference HTTP service (aiohttp): `GET /`, `POST /photo`, `POST /detect`
+and `POST /transform` (`vision_routes.py`), `GET /healthz`,
 `GET /metrics`, `GET /stream` (WebSocket, frame by frame; `stream.py`) and the
 browser page `GET /live`. Decoding runs on a thread pool, forward passes on one
 inference thread through the dynamic batcher; the event loop only moves
@@ -12,7 +13,7 @@ import logging
 import time
 from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -24,8 +25,10 @@ from .batcher import QueueFull
 from .config import ServerConfig
 from .imaging import BadImage, prepare
 from .models import ModelPlan
-from .state import STATE, State
+from .state import STATE, State, VisionPlans
 from .stream import close_streams, stream
+from .uploads import read_image
+from .vision_routes import detect, transform
 
 log = logging.getLogger("inference")
 
@@ -56,13 +59,18 @@ async def root(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     st = request.app[STATE]
-    if st.classifier is None:
+    if not st.ready:
         status = "failed" if st.load_error else "loading"
-        body = {"status": status, "model": st.plan.model, "backend": st.plan.backend}
+        body = {"status": status, "model": st.plan.model, "backend": st.plan.backend, "models": st.loaded()}
         if st.load_error:
             body["error"] = st.load_error
         return web.json_response(body, status=503, headers={"Retry-After": "1"})
-    return web.json_response({"status": "ok", "model": st.classifier.model, "backend": st.classifier.backend})
+    if st.classifier is not None:
+        model, backend = st.classifier.model, st.classifier.backend
+    else:  # a server without the classifier names its first other model
+        first = st.detector or st.segmenter
+        model, backend = (first.model, first.backend) if first else ("none", "none")
+    return web.json_response({"status": "ok", "model": model, "backend": backend, "models": st.loaded()})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -71,39 +79,17 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(st.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def _read_image(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise BadImage(413, f"body of {request.content_length} bytes exceeds the limit of {limit} bytes")
-    if request.content_type.startswith("multipart/"):
-        # curl -F file=@cat.jpg and browser forms: take the first file part.
-        reader = await request.multipart()
-        async for part in reader:
-            if not isinstance(part, BodyPartReader):
-                continue  # a nested multipart: not where a photo is
-            if part.filename is not None or part.name in ("file", "image", "photo"):
-                data = bytearray()
-                while chunk := await part.read_chunk(1 << 16):
-                    data += chunk
-                    if len(data) > limit:
-                        raise BadImage(413, f"image exceeds the limit of {limit} bytes")
-                return bytes(data)
-        raise BadImage(400, "multipart body without a file part; send the image as the raw body or as a file field")
-    data = bytearray()
-    async for chunk in request.content.iter_chunked(1 << 16):
-        data += chunk
-        if len(data) > limit:
-            raise BadImage(413, f"body exceeds the limit of {limit} bytes")
-    return bytes(data)
-
-
 async def photo(request: web.Request) -> web.Response:
     t0 = time.perf_counter()
     st = request.app[STATE]
     m = st.metrics
     rid = request.get("request_id")
     clf, batcher = st.classifier, st.batcher
+    if not st.serves_classify:
+        return error(404, "this server does not classify; start it with --kinds including classify (INFER_KINDS)",
+                     code="kind_not_served", request_id=rid)
     try:
-        data = await _read_image(request, st.config.max_body_bytes)
+        data = await read_image(request, st.config.max_body_bytes)
         if clf is None or batcher is None:
             m.requests.labels("503").inc()
             return error(503, "model is still loading; retry shortly", {"Retry-After": "1"}, request_id=rid)
@@ -148,13 +134,15 @@ async def live(request: web.Request) -> web.Response:
                         headers={"Cache-Control": "no-cache"})
 
 
-def make_app(plan: ModelPlan, config: ServerConfig) -> web.Application:
-    # The body limit is enforced while streaming in _read_image (413 JSON);
+def make_app(plan: ModelPlan, config: ServerConfig, vision: VisionPlans | None = None) -> web.Application:
+    # The body limit is enforced while streaming in uploads.read_image (413);
     # aiohttp's own limit is set just above it as a backstop.
     app = web.Application(middlewares=[request_id_and_errors], client_max_size=config.max_body_bytes + 1)
-    app[STATE] = State(plan, config)
+    app[STATE] = State(plan, config, vision)
     app.router.add_get("/", root)
     app.router.add_post("/photo", photo)
+    app.router.add_post("/detect", detect)
+    app.router.add_post("/transform", transform)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/stream", stream)

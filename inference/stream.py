@@ -1,6 +1,7 @@
-"""`GET /stream`: frame-by-frame classification over a WebSocket. Binary
+"""`GET /stream`: frame-by-frame inference over a WebSocket. Binary
 messages in (one encoded image each), one JSON text answer per message out, in
-order. The decisions (seq, drop policy, order, bounds) are `frames.FrameScheduler`;
+order (a transformation's answer is followed by its image as one binary
+message; what each model kind does with a frame is `stream_kinds.py`). The decisions (seq, drop policy, order, bounds) are `frames.FrameScheduler`;
 this is its asyncio shell: a reader, one worker (decode on the decode pool,
 forward pass through the shared batcher, as POST /photo), and a writer."""
 
@@ -15,11 +16,12 @@ import time
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from .answers import classification, error
+from .answers import error
 from .batcher import QueueFull
 from .frames import DropPolicy, FrameScheduler, Outcome
-from .imaging import BadImage, prepare
+from .imaging import BadImage
 from .state import STATE, State
+from .stream_kinds import IMAGE_KEY, FrameRun, choose
 
 log = logging.getLogger("inference")
 
@@ -40,8 +42,9 @@ class StreamSession:
     `slow_reader` (answers backed up), `too_big`, `shutdown`, `error`."""
 
     def __init__(self, st: State, ws: web.WebSocketResponse, drop: DropPolicy,
-                 transport: asyncio.Transport | None) -> None:
+                 transport: asyncio.Transport | None, run_frame: FrameRun) -> None:
         self.st = st
+        self.run_frame = run_frame
         self.ws = ws
         self.transport = transport
         cfg = st.config
@@ -121,10 +124,6 @@ class StreamSession:
             self._out.set()
 
     async def _classify(self) -> str:
-        st = self.st
-        loop = asyncio.get_running_loop()
-        clf, batcher = st.classifier, st.batcher
-        assert clf is not None and batcher is not None
         while True:
             nxt = self.sched.next_frame()
             if nxt is None:
@@ -134,24 +133,13 @@ class StreamSession:
             self._room.set()  # drop=none: room for one more waiting frame
             seq, (data, received) = nxt
             try:
-                prep = await loop.run_in_executor(st.decode_pool, prepare, data, clf.preprocess,
-                                                  st.config.max_pixels)
-                res = await batcher.submit(prep.array)
-                t_post = time.perf_counter()
-                answer = {**classification(clf, res.probs), "model": clf.model, "backend": clf.backend,
-                          "batch_size": res.batch_size}
-                t_end = time.perf_counter()
-                answer["timing"] = {"decode": _ms(prep.decode_s), "preprocess": _ms(prep.preprocess_s),
-                                    "queue": _ms(res.queue_s), "infer": _ms(res.infer_s),
-                                    "postprocess": _ms(t_end - t_post), "app": _ms(t_end - received)}
-                st.metrics.queue.observe(res.queue_s)
-                self.sched.finished(seq, answer)
+                self.sched.finished(seq, await self.run_frame(data, received))
             except BadImage as exc:
                 self.sched.failed(seq, exc.reason)
             except QueueFull as exc:
                 self.sched.failed(seq, f"server busy: {exc}; frame skipped")
             except Exception:
-                log.exception("classifying stream frame %d failed", seq)
+                log.exception("stream frame %d failed", seq)
                 self.sched.failed(seq, "internal error; the server logged the details")
             self._count()
             self._out.set()
@@ -168,8 +156,11 @@ class StreamSession:
             try:
                 # A context timeout, not wait_for: no task per send, so a send the
                 # socket takes at once completes in this step and the writer keeps up.
+                image = answer.pop(IMAGE_KEY, None)
                 async with asyncio.timeout(timeout):
                     await self.ws.send_str(json.dumps(answer, separators=(",", ":")))
+                    if image is not None:
+                        await self.ws.send_bytes(image)
             except TimeoutError:
                 self.detail = f"client took no answer for {timeout:g} s"
                 return "slow_reader"
@@ -207,15 +198,13 @@ async def stream(request: web.Request) -> web.StreamResponse:
     st = request.app[STATE]
     cfg = st.config
     m = st.metrics
-    if st.classifier is None or st.batcher is None:
-        return error(503, "model is still loading; retry shortly", {"Retry-After": "1"})
+    run_frame = choose(st, request)
+    if isinstance(run_frame, web.Response):
+        return run_frame
     try:
         drop = DropPolicy(request.query.get("drop", "latest"))
     except ValueError:
         return error(400, f"drop must be latest or none, not {request.query['drop']!r}")
-    model = request.query.get("model")
-    if model is not None and model != st.classifier.model:
-        return error(404, f"model {model!r} is not loaded here; this server runs {st.classifier.model!r}")
     ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), compress=False, autoping=True,
                                max_msg_size=max(cfg.max_frame_bytes, cfg.max_body_bytes),
                                writer_limit=SEND_BUFFER_BYTES // 4)
@@ -229,7 +218,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     _tune_socket(transport)
     peer = request.remote or "unknown"
-    session = StreamSession(st, ws, drop, transport)
+    session = StreamSession(st, ws, drop, transport, run_frame)
     st.streams.add(ws)
     m.streams_open.inc()
     t0 = time.monotonic()

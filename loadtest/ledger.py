@@ -71,15 +71,18 @@ class FrameLedger:
     An answer that is a JSON object with an integer `seq` belongs to that
     frame; any other answer (a plain echo, JSON without `seq`) to the oldest
     frame still waiting. `{"seq": n, "dropped": true}` marks frame n dropped
-    by the server, `{"seq": n, "error": ...}` an error. An answer for no
-    waiting frame (an unknown or repeated seq, more answers than frames)
-    is counted in `unmatched`."""
+    by the server, `{"seq": n, "error": ...}` an error. An answer with an
+    integer `bytes` (the inference server's transformation streams) is
+    followed by that frame's image as one binary message: the frame ends
+    when the image arrives. An answer for no waiting frame (an unknown or
+    repeated seq, more answers than frames) is counted in `unmatched`."""
 
     def __init__(self, stream: int) -> None:
         self.stream = stream
         self.frames: list[Frame] = []
         self._waiting: dict[int, Frame] = {}
         self._order: deque[int] = deque()
+        self._image_for: Frame | None = None  # announced by its JSON, its binary image still to come
         self.unmatched = 0
 
     @property
@@ -103,6 +106,10 @@ class FrameLedger:
 
     def answer(self, data: str | bytes, at: float) -> Frame | None:
         """Match one answer received at `at`; the frame it ended, or None."""
+        if self._image_for is not None and isinstance(data, bytes):
+            imaged, self._image_for = self._image_for, None
+            imaged.done = at
+            return imaged
         msg = _parse(data)
         seq = msg.get("seq") if msg is not None else None
         if isinstance(seq, int) and not isinstance(seq, bool):
@@ -124,6 +131,10 @@ class FrameLedger:
                 f.timing = _timing(msg.get("timing"))
                 label = msg.get("label")
                 f.label = str(label) if label is not None else None
+                size = msg.get("bytes")
+                if isinstance(size, int) and not isinstance(size, bool):
+                    self._image_for = f  # not ended until its image is here
+                    return None
         return f
 
     def close(self) -> int:

