@@ -40,6 +40,10 @@ class Metrics:
                                      ["outcome"], registry=r)
         self.streams_closed = Counter("inference_streams_closed", "GET /stream WebSockets closed, by reason",
                                       ["reason"], registry=r)
+        self.oip_requests = Counter("inference_oip_requests", "POST /v2/models/.../infer answers by status",
+                                    ["status"], registry=r)
+        self.oip_images = Counter("inference_oip_images", "images (or tensors) classified through OIP v2 infer",
+                                  registry=r)
         for outcome in ("answered", "dropped", "error"):
             self.stream_frames.labels(outcome)
 
