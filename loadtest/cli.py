@@ -27,6 +27,7 @@ examples:
   loadtest ping --url http://127.0.0.1:8000/ --rate 200 --duration 30 --json direct.json
   loadtest classify --url https://edge:8443/photo --api-key $KEY --ca pki/ca.pem --pool opencv-dnn \\
       --concurrency 8 --requests 1000 --html classify.html
+  loadtest classify --protocol oip --model efficientnet-lite0 --url http://127.0.0.1:8000 --rate 50 --duration 20
   loadtest ping --url https://edge:8443/ --api-key $KEY --ca pki/ca.pem --sweep 100,200,400,800 --duration 10
   loadtest stream --url wss://edge:8443/stream --api-key $KEY --ca pki/ca.pem --fps 30 --streams 8 \
       --duration 20 --frame-bytes 50000 --html stream.html
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--html", metavar="FILE", help="write a self-contained HTML report with plots")
         s.add_argument("--records", action="store_true", help="include every request's record in the JSON")
         s.add_argument("--quiet", action="store_true", help="no live progress display")
+        if name == "classify":
+            _oip_arguments(s)
 
     _stream_parser(sub)
 
@@ -173,12 +176,30 @@ def _stream_parser(sub: Any) -> None:
     s.add_argument("--quiet", action="store_true", help="no progress lines on standard error")
 
 
+def _oip_arguments(s: argparse.ArgumentParser) -> None:
+    """classify over the Open Inference Protocol (loadtest/oip.py)."""
+    s.add_argument("--protocol", choices=("photo", "oip"), default="photo",
+                   help="photo: POST each image as the body (the inference server's /photo); oip: Open Inference "
+                        "Protocol v2 infer requests with the image as a binary BYTES input (our /v2, Triton, "
+                        "KServe, OVMS); --url is then the server's base URL")
+    s.add_argument("--model", help="--protocol oip: the model's name (its metadata names the input and output)")
+
+
+def new_run(cfg: RunConfig, stop: asyncio.Event) -> Run:
+    if cfg.protocol == "oip":
+        from .oip import OipRun
+
+        return OipRun(cfg, stop)
+    return Run(cfg, stop)
+
+
 def config_from_args(a: argparse.Namespace) -> RunConfig:
     return RunConfig(
         command=a.command, url=a.url, api_key=a.api_key, ca=a.ca, pool=a.pool, insecure=a.insecure,
         rate=a.rate, arrivals=a.arrivals, concurrency=a.concurrency, duration=a.duration, requests=a.requests,
         warmup=a.warmup, timeout=a.timeout, connections=a.connections, images=a.images, seed=a.seed,
         late_ms=a.late_ms, windows=a.windows, keep_going=a.keep_going, sweep=a.sweep, label=a.label,
+        protocol=getattr(a, "protocol", "photo"), model=getattr(a, "model", None),
     )
 
 
@@ -229,7 +250,7 @@ async def _measure(cfg: RunConfig, show: bool, records: bool) -> dict[str, Any]:
     stop = asyncio.Event()
     install_stop_on_signals(stop)
     if not cfg.sweep:
-        run = Run(cfg, stop)
+        run = new_run(cfg, stop)
         await _with_progress(run, cfg.command, show)
         res = report.analyse(run)
         if records:
@@ -238,7 +259,7 @@ async def _measure(cfg: RunConfig, show: bool, records: bool) -> dict[str, Any]:
         return res
     points: list[dict[str, Any]] = []
     for rate in cfg.sweep:
-        run = Run(replace(cfg, rate=rate), stop)
+        run = new_run(replace(cfg, rate=rate), stop)
         await _with_progress(run, f"{cfg.command} @ {rate:g} req/s", show)
         res = report.analyse(run)
         if records:
