@@ -1,4 +1,4 @@
-"""Command line of the load tester: `ping`, `classify`, `stream`, `compare`, `report`.
+"""Command line of the load tester: `ping`, `classify`, `stream`, `mlperf`, `compare`, `report`.
 Failures end in one line on standard error and an exit status, never a traceback."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from . import report, stats
+from . import mlperf, report, stats
 from .runner import Run, RunConfig, UsageError, install_stop_on_signals, machine
 from .schedule import ARRIVALS
 from .stream import CapacitySearch, StreamConfig, StreamRun, load_frames
@@ -32,6 +32,7 @@ examples:
   loadtest stream --url wss://edge:8443/stream --api-key $KEY --ca pki/ca.pem --fps 30 --streams 8 \
       --duration 20 --frame-bytes 50000 --html stream.html
   loadtest stream --url ws://127.0.0.1:8000/stream --fps 30 --duration 10 --capacity
+  loadtest mlperf --scenario Server --url http://127.0.0.1:8000/photo --find-peak --out mlperf-server
   loadtest compare direct.json edge.json
   loadtest report edge.json --html edge.html
 
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
             _oip_arguments(s)
 
     _stream_parser(sub)
+    mlperf.add_parser(sub)
 
     c = sub.add_parser("compare", help="results side by side (e.g. direct vs through the edge)")
     c.add_argument("files", nargs="+", metavar="FILE.json")
@@ -474,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
             return report_command(a)
         if a.command == "stream":
             return stream_command(a)
+        if a.command == "mlperf":
+            return mlperf.command(a)
         return run_command(a)
     except UsageError as exc:
         err(f"error: {exc}")

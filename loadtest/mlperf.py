@@ -1,0 +1,468 @@
+"""`loadtest mlperf`: MLPerf Inference scenarios (SingleStream, MultiStream,
+Server, Offline) scheduled and judged by MLCommons' own LoadGen
+(`mlcommons-loadgen`, the `mlperf` extra), with our aiohttp client as the
+system under test and the built-in (or --samples) photos as the query sample
+library.
+
+Threads: LoadGen runs its test on a worker thread and calls `issue_queries`
+from its own threads; each sample is handed to the asyncio loop (main
+thread) with `call_soon_threadsafe`, sent as one HTTP request (`/photo` body
+or an OIP infer request), and completed with `lg.QuerySamplesComplete` when
+its answer has been read, failed or not (a failure is counted, and makes the
+run INVALID for us even when LoadGen calls it VALID). LoadGen's logs
+(`mlperf_log_summary.txt`, `mlperf_log_detail.txt`) are written to --out;
+the result, why, the scenario's metric and the Server-Timing hops of the
+same requests are printed and written as `loadtest_mlperf.json` beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from httpcontract.timing import parse as parse_server_timing
+
+from . import __version__
+from .hops import derive
+from .runner import UsageError, load_images, machine, tls_context
+
+SCENARIOS = ("SingleStream", "MultiStream", "Server", "Offline")
+DEFAULT_LATENCY_MS = 100.0  # Server's bound: image classification through a WAN
+
+
+@dataclass
+class MlperfConfig:
+    scenario: str
+    url: str
+    protocol: str = "photo"
+    model: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    ca: str | None = None
+    insecure: bool = False
+    pool: str | None = None
+    target_qps: float | None = None  # Server: scheduled QPS; Offline: expected QPS
+    target_latency_ms: float | None = None  # Server: the bound; Single/MultiStream: expected latency
+    duration: float | None = None  # LoadGen's min_duration, seconds
+    min_queries: int | None = None  # LoadGen's min_query_count
+    samples: str | None = None
+    out: str = "mlperf-out"
+    concurrency: int = 16  # Offline: requests in flight at most
+    timeout: float = 30.0
+
+
+# -------------------------------------------------------------- the peak search
+
+class PeakSearch:
+    """Server --find-peak: the highest target QPS LoadGen judges VALID.
+    Doubles from the first QPS until a run is INVALID, then bisects until the
+    bracket is within `precision` (a fraction) or `max_steps` runs are spent."""
+
+    def __init__(self, start: float, precision: float = 0.05, max_steps: int = 12, floor: float = 0.5) -> None:
+        self.lo: float | None = None  # highest VALID so far
+        self.hi: float | None = None  # lowest INVALID so far
+        self.precision = precision
+        self.max_steps = max_steps
+        self.floor = floor
+        self.steps: list[tuple[float, bool]] = []
+        self._next: float | None = start
+
+    def next_qps(self) -> float | None:
+        return self._next
+
+    def record(self, qps: float, valid: bool) -> None:
+        self.steps.append((qps, valid))
+        if valid:
+            self.lo = max(self.lo or 0.0, qps)
+        else:
+            self.hi = qps if self.hi is None else min(self.hi, qps)
+        if len(self.steps) >= self.max_steps:
+            self._next = None
+        elif self.hi is None:
+            self._next = qps * 2
+        elif self.lo is None:
+            self._next = qps / 2 if qps / 2 >= self.floor else None
+        elif self.hi - self.lo <= self.precision * self.hi:
+            self._next = None
+        else:
+            self._next = round((self.lo + self.hi) / 2, 3)
+
+    @property
+    def peak(self) -> float | None:
+        return self.lo
+
+
+# -------------------------------------------------------------- LoadGen's results
+
+def read_summary(out: Path) -> dict[str, Any]:
+    """VALID/INVALID, why, and LoadGen's own figures, from its logs."""
+    text = (out / "mlperf_log_summary.txt").read_text(encoding="utf-8", errors="replace")
+    m = re.search(r"Result is\s*:\s*(\w+)", text)
+    result = m.group(1) if m else "UNKNOWN"
+    why = [f"{k.strip()}: {v.strip()}" for k, v in re.findall(r"^\s*([^\n:]*satisfied)\s*:\s*(\w+)", text, re.M)
+           if v.strip().lower() != "yes"]
+    rec = re.search(r"Recommendations:\s*\n((?:\s*\*.*\n?)+)", text)
+    if rec:
+        why += [line.strip(" *") for line in rec.group(1).splitlines() if line.strip(" *")]
+    block = re.search(r"Early Stopping Result:\n(.*?)\n\s*\n", text, re.S)
+    early = [" ".join(item.split()) for item in block.group(1).split("*") if item.strip()] if block else []
+    detail: dict[str, Any] = {}
+    detail_file = out / "mlperf_log_detail.txt"
+    if detail_file.exists():
+        for line in detail_file.read_text(encoding="utf-8", errors="replace").splitlines():
+            if ":::MLLOG" not in line:
+                continue
+            try:
+                rec_ = json.loads(line.split(":::MLLOG", 1)[1])
+            except ValueError:
+                continue
+            key = rec_.get("key", "")
+            if key.startswith("result_") or key.startswith("early_stopping") or key == "effective_scenario":
+                detail[key] = rec_.get("value")
+    return {"result": result, "why": why, "early_stopping": early, "detail": detail, "summary": text}
+
+
+def metric(scenario: str, detail: dict[str, Any]) -> dict[str, Any]:
+    """The scenario's metric, named and in its unit, from LoadGen's detail log."""
+    def ns_ms(key: str) -> float | None:
+        v = detail.get(key)
+        return round(float(v) / 1e6, 3) if isinstance(v, (int, float)) else None
+
+    if scenario == "SingleStream":
+        v = ns_ms("early_stopping_latency_ss") or ns_ms("result_90.00_percentile_latency_ns")
+        return {"name": "90th percentile latency (early stopping estimate)", "value": v, "unit": "ms"}
+    if scenario == "MultiStream":
+        v = ns_ms("early_stopping_latency_ms") or ns_ms("result_99.00_percentile_per_query_latency_ns")
+        return {"name": "99th percentile latency per query (8 samples, early stopping estimate)", "value": v,
+                "unit": "ms"}
+    if scenario == "Server":
+        v = detail.get("result_completed_samples_per_sec") or detail.get("result_scheduled_samples_per_sec")
+        return {"name": "completed queries per second at the latency bound", "value": _round(v), "unit": "QPS",
+                "p99_ms": ns_ms("result_99.00_percentile_latency_ns")}
+    v = detail.get("result_samples_per_second")
+    return {"name": "samples per second", "value": _round(v), "unit": "samples/s"}
+
+
+def _round(v: Any) -> float | None:
+    return round(float(v), 3) if isinstance(v, (int, float)) else None
+
+
+# -------------------------------------------------------------- the SUT
+
+class Sut:
+    """Our HTTP client as LoadGen's system under test."""
+
+    def __init__(self, cfg: MlperfConfig, loop: asyncio.AbstractEventLoop, session: aiohttp.ClientSession,
+                 url: URL, bodies: list[tuple[bytes, str]], headers: dict[str, str], check: Any) -> None:
+        self.cfg = cfg
+        self.loop = loop
+        self.session = session
+        self.url = url
+        self.bodies = bodies
+        self.headers = headers
+        self.check = check
+        self.sem = asyncio.Semaphore(cfg.concurrency if cfg.scenario == "Offline" else 1 << 30)
+        self.timings: list[dict[str, float]] = []
+        self.errors: dict[str, int] = {}
+        self.error_detail: dict[str, str] = {}
+        self.sent = 0
+        self.tasks: set[asyncio.Task[None]] = set()  # held until done (the loop keeps weak references)
+
+    # LoadGen's threads
+    def issue_queries(self, samples: list[Any]) -> None:
+        pairs = [(s.id, s.index) for s in samples]
+        self.loop.call_soon_threadsafe(self._start, pairs)
+
+    def flush_queries(self) -> None:
+        pass
+
+    # the loop's thread
+    def _start(self, pairs: list[tuple[int, int]]) -> None:
+        for sid, index in pairs:
+            t = self.loop.create_task(self._one(sid, index))
+            self.tasks.add(t)
+            t.add_done_callback(self._done)
+
+    def _done(self, t: asyncio.Task[None]) -> None:
+        self.tasks.discard(t)
+
+    async def _one(self, sid: int, index: int) -> None:
+        import mlperf_loadgen as lg
+
+        body, ctype = self.bodies[index % len(self.bodies)]
+        headers = dict(self.headers)
+        headers["Content-Type"] = ctype
+        headers["X-Request-ID"] = f"mlperf-{sid & 0xffffffffffff:x}"
+        error: str | None = None
+        detail = ""
+        try:
+            async with self.sem:
+                self.sent += 1
+                t0 = time.perf_counter()
+                async with self.session.post(self.url, data=body, headers=headers) as r:
+                    data = await r.read()
+                    client_ms = (time.perf_counter() - t0) * 1000
+                    if r.status != 200:
+                        error, detail = f"HTTP {r.status}", data[:200].decode("utf-8", "replace").strip()
+                    else:
+                        try:
+                            self.check(r.headers, data)
+                        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                            error, detail = "bad answer", str(exc)
+                    if error is None:
+                        hops = parse_server_timing(r.headers.getall("Server-Timing", ()))
+                        hops["client_total"] = client_ms
+                        self.timings.append(hops | derive(hops))
+        except asyncio.CancelledError:
+            error = "cancelled"
+            raise
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            error, detail = exc.__class__.__name__, str(exc)
+        finally:
+            if error is not None:
+                self.errors[error] = self.errors.get(error, 0) + 1
+                self.error_detail.setdefault(error, detail)
+            lg.QuerySamplesComplete([lg.QuerySampleResponse(sid, 0, 0)])
+
+
+def _photo_check(headers: Any, body: bytes) -> None:
+    answer = json.loads(body)
+    if not isinstance(answer, dict) or answer.get("message") != "success":
+        raise ValueError("not the inference server's JSON answer")
+
+
+def hop_table(timings: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    names: list[str] = []
+    for t in timings:
+        names += [n for n in t if n not in names]
+    out = {}
+    for n in names:
+        vals = sorted(t[n] for t in timings if n in t)
+        out[n] = {"count": len(vals), "p50": _pct(vals, 50), "p90": _pct(vals, 90), "p99": _pct(vals, 99)}
+    return out
+
+
+def _pct(vals: list[float], p: float) -> float:
+    k = min(len(vals) - 1, max(0, math.ceil(p / 100 * len(vals)) - 1))
+    return round(vals[k], 3)
+
+
+def settings_for(cfg: MlperfConfig, qps: float | None) -> Any:
+    import mlperf_loadgen as lg
+
+    s = lg.TestSettings()
+    s.scenario = getattr(lg.TestScenario, cfg.scenario)
+    s.mode = lg.TestMode.PerformanceOnly
+    if cfg.duration is not None:
+        s.min_duration_ms = int(cfg.duration * 1000)
+    if cfg.min_queries is not None:
+        s.min_query_count = cfg.min_queries
+    lat_ns = int((cfg.target_latency_ms or DEFAULT_LATENCY_MS) * 1e6)
+    if cfg.scenario == "Server":
+        s.server_target_qps = qps or 10.0
+        s.server_target_latency_ns = lat_ns
+    elif cfg.scenario == "Offline":
+        s.offline_expected_qps = qps or 50.0
+    elif cfg.scenario == "SingleStream" and cfg.target_latency_ms:
+        s.single_stream_expected_latency_ns = lat_ns
+    elif cfg.scenario == "MultiStream" and cfg.target_latency_ms:
+        s.multi_stream_expected_latency_ns = lat_ns
+    return s
+
+
+async def _prepare(cfg: MlperfConfig, session: aiohttp.ClientSession,
+                   headers: dict[str, str]) -> tuple[URL, list[tuple[bytes, str]], Any]:
+    images = load_images(cfg.samples)
+    if cfg.protocol == "oip":
+        from .oip import HEADER_LENGTH, bodies, choose_tensors, target, top1
+
+        t = target(cfg.url, cfg.model)
+        try:
+            async with session.get(t.metadata_url, headers=headers) as r:
+                body = await r.read()
+                if r.status != 200:
+                    raise UsageError(f"GET {t.metadata_url}: HTTP {r.status}: "
+                                     f"{body[:200].decode('utf-8', 'replace').strip()}")
+                t = choose_tensors(t, json.loads(body))
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise UsageError(f"cannot read the model's metadata at {t.metadata_url}: {exc}") from None
+        except ValueError:
+            raise UsageError(f"GET {t.metadata_url} is not JSON model metadata") from None
+        built, width = bodies(images, t)
+        headers[HEADER_LENGTH] = str(width)
+        output = t.output
+
+        def check(h: Any, b: bytes) -> None:
+            top1(h, b, output)
+        return t.infer_url, [(b, c) for _, b, c in built], check
+    try:
+        url = URL(cfg.url)
+    except ValueError as exc:
+        raise UsageError(f"--url {cfg.url!r} is not a valid URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise UsageError(f"--url {cfg.url!r}: need an http:// or https:// URL with a host")
+    return url, [(data, ctype) for _, data, ctype in images], _photo_check
+
+
+async def run_once(cfg: MlperfConfig, out: Path, qps: float | None) -> dict[str, Any]:
+    """One LoadGen test; its logs go to `out`."""
+    import mlperf_loadgen as lg
+
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, lambda: out.mkdir(parents=True, exist_ok=True))
+    headers = {"User-Agent": f"loadtest/{__version__} mlperf"}
+    if cfg.api_key:
+        headers["Authorization"] = f"Bearer {cfg.api_key}"
+    if cfg.pool:
+        headers["X-Pool"] = cfg.pool
+    connector = aiohttp.TCPConnector(ssl=tls_context(cfg.ca, cfg.insecure), limit=0)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                     timeout=aiohttp.ClientTimeout(total=cfg.timeout)) as session:
+        url, bodies, check = await _prepare(cfg, session, headers)
+        sut = Sut(cfg, loop, session, url, bodies, headers, check)
+        n = len(bodies)
+        lg_sut = lg.ConstructSUT(sut.issue_queries, sut.flush_queries)
+        lg_qsl = lg.ConstructQSL(n, n, lambda _: None, lambda _: None)
+        log = lg.LogSettings()
+        log.log_output.outdir = str(out)
+        log.log_output.copy_summary_to_stdout = False
+        settings = settings_for(cfg, qps)
+        t0 = time.perf_counter()
+        try:
+            await loop.run_in_executor(None, lg.StartTestWithLogSettings, lg_sut, lg_qsl, settings, log)
+        finally:
+            lg.DestroyQSL(lg_qsl)
+            lg.DestroySUT(lg_sut)
+        wall = time.perf_counter() - t0
+    res = read_summary(out)
+    summary = res.pop("summary")
+    ours: list[str] = []
+    errors = sum(sut.errors.values())
+    if errors:
+        ours.append(f"{errors} of {sut.sent} requests failed: " + "; ".join(
+            f"{k} x{v} ({sut.error_detail.get(k, '')[:120]})" for k, v in sut.errors.items()))
+    valid = res["result"] == "VALID" and not errors
+    return {
+        "scenario": cfg.scenario, "target_qps": qps, "loadgen_result": res["result"],
+        "result": "VALID" if valid else "INVALID", "why": res["why"] + ours, "early_stopping": res["early_stopping"],
+        "metric": metric(cfg.scenario, res["detail"]), "requests": sut.sent, "errors": sut.errors,
+        "wall_s": round(wall, 2), "hops_ms": hop_table(sut.timings), "loadgen": res["detail"], "out": str(out),
+        "_summary": summary,
+    }
+
+
+async def measure(cfg: MlperfConfig, find_peak: bool, say: Any) -> dict[str, Any]:
+    out = Path(cfg.out)
+    if not find_peak:
+        return await run_once(cfg, out, cfg.target_qps)
+    search = PeakSearch(cfg.target_qps or 10.0)
+    runs: list[dict[str, Any]] = []
+    while (qps := search.next_qps()) is not None:
+        res = await run_once(cfg, out / f"server-{qps:g}qps", qps)
+        search.record(qps, res["result"] == "VALID")
+        say(f"find-peak: {qps:g} QPS -> {res['result']}" + (f" ({res['why'][0]})" if res["why"] else ""))
+        runs.append(res)
+    best = next((r for r in runs if r["target_qps"] == search.peak and r["result"] == "VALID"), None)
+    top = dict(best or runs[-1])
+    top["find_peak"] = {"peak_qps": search.peak, "latency_bound_ms": cfg.target_latency_ms or DEFAULT_LATENCY_MS,
+                        "steps": [{"target_qps": r["target_qps"], "result": r["result"], "why": r["why"],
+                                   "metric": r["metric"]} for r in runs]}
+    return top
+
+
+# -------------------------------------------------------------- command line
+
+def add_parser(sub: Any) -> None:
+    what = ("MLPerf Inference scenarios scheduled and judged by MLCommons' LoadGen, with this client as the "
+            "system under test: LoadGen's logs, VALID/INVALID and why, the scenario's metric, and the hops")
+    s = sub.add_parser("mlperf", help=what, description=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--scenario", required=True, choices=SCENARIOS, help="the MLPerf scenario")
+    s.add_argument("--url", required=True, help="an inference server's /photo, the edge's, or (with --protocol oip) "
+                                                 "an OIP server's base URL")
+    s.add_argument("--protocol", choices=("photo", "oip"), default="photo",
+                   help="photo: each sample POSTed as the body; oip: OIP v2 infer requests, binary BYTES input")
+    s.add_argument("--model", help="--protocol oip: the model's name")
+    s.add_argument("--api-key", default=os.environ.get("LOADTEST_API_KEY"),
+                   help="sent as 'Authorization: Bearer KEY' (LOADTEST_API_KEY)")
+    s.add_argument("--ca", default=os.environ.get("LOADTEST_CA"), help="CA file for the server's certificate "
+                                                                      "(LOADTEST_CA)")
+    s.add_argument("--insecure", action="store_true", help="do not verify the TLS certificate (only when asked)")
+    s.add_argument("--pool", help="worker pool at the edge, sent as X-Pool")
+    s.add_argument("--target-qps", type=float, help="Server: the scheduled queries per second (default 10; the "
+                   "first step of --find-peak); Offline: the expected samples per second (sizes the query)")
+    s.add_argument("--target-latency-ms", type=float,
+                   help=f"Server: the latency bound at the 99th percentile (default {DEFAULT_LATENCY_MS:g}); "
+                        "SingleStream/MultiStream: the expected latency (sizes the run)")
+    s.add_argument("--duration", type=float, help="LoadGen's minimum duration in seconds (default: LoadGen's, 10)")
+    s.add_argument("--min-queries", type=int, help="LoadGen's minimum query count (default: LoadGen's, 100)")
+    s.add_argument("--samples", metavar="DIR", help="images of the query sample library (default: the built-in "
+                                                    "samples)")
+    s.add_argument("--out", default="mlperf-out", metavar="DIR", help="where LoadGen's logs and our JSON go")
+    s.add_argument("--concurrency", type=int, default=16, help="Offline: requests in flight at most")
+    s.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    s.add_argument("--find-peak", action="store_true",
+                   help="Server: search the highest --target-qps that stays VALID at the latency bound")
+
+
+def command(a: argparse.Namespace) -> int:
+    try:
+        import mlperf_loadgen  # noqa: F401
+    except ImportError:
+        raise UsageError("loadtest mlperf needs MLCommons' LoadGen: pip install mlcommons-loadgen "
+                         "(or the project's 'mlperf' extra)") from None
+    if a.find_peak and a.scenario != "Server":
+        raise UsageError("--find-peak searches the Server scenario's QPS: use it with --scenario Server")
+    for name in ("target_qps", "target_latency_ms", "duration"):
+        v = getattr(a, name)
+        if v is not None and v <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {v:g}")
+    if a.min_queries is not None and a.min_queries < 1 or a.concurrency < 1:
+        raise UsageError("--min-queries and --concurrency must be at least 1")
+    cfg = MlperfConfig(scenario=a.scenario, url=a.url, protocol=a.protocol, model=a.model, api_key=a.api_key,
+                       ca=a.ca, insecure=a.insecure, pool=a.pool, target_qps=a.target_qps,
+                       target_latency_ms=a.target_latency_ms, duration=a.duration, min_queries=a.min_queries,
+                       samples=a.samples, out=a.out, concurrency=a.concurrency, timeout=a.timeout)
+    try:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create --out {cfg.out}: {exc.strerror or exc}") from None
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    res = asyncio.run(measure(cfg, a.find_peak, say))
+    res.pop("_summary", None)
+    res["config"] = {k: v for k, v in asdict(cfg).items() if k != "api_key"} | {"find_peak": a.find_peak}
+    res["machine"] = machine()
+    Path(cfg.out, "loadtest_mlperf.json").write_text(json.dumps(res, indent=1, default=str) + "\n", encoding="utf-8")
+    print_summary(res)
+    return 0 if res["result"] == "VALID" else 1
+
+
+def print_summary(res: dict[str, Any]) -> None:
+    m = res["metric"]
+    lines = [f"{res['scenario']}: {res['result']} (LoadGen: {res['loadgen_result']})"]
+    lines += [f"  why: {w}" for w in res["why"]]
+    lines.append(f"  {m['name']}: {m['value']} {m['unit']}")
+    if "find_peak" in res:
+        fp = res["find_peak"]
+        lines.append(f"  peak: {fp['peak_qps']} QPS VALID at a {fp['latency_bound_ms']:g} ms bound "
+                     f"({len(fp['steps'])} runs)")
+    lines.append(f"  requests {res['requests']}, errors {sum(res['errors'].values())}, {res['wall_s']} s; "
+                 f"LoadGen's logs in {res['out']}")
+    if res["hops_ms"]:
+        lines.append("  hops (ms)          p50      p90      p99")
+        for name, h in res["hops_ms"].items():
+            lines.append(f"  {name:<16}{h['p50']:>8.2f} {h['p90']:>8.2f} {h['p99']:>8.2f}")
+    print("\n".join(lines), flush=True)
