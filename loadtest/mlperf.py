@@ -117,6 +117,8 @@ def read_summary(out: Path) -> dict[str, Any]:
         why += [line.strip(" *") for line in rec.group(1).splitlines() if line.strip(" *")]
     block = re.search(r"Early Stopping Result:\n(.*?)\n\s*\n", text, re.S)
     early = [" ".join(item.split()) for item in block.group(1).split("*") if item.strip()] if block else []
+    if any(w.lower().startswith("early stopping satisfied") for w in why):
+        why += early  # how many queries it would take
     detail: dict[str, Any] = {}
     detail_file = out / "mlperf_log_detail.txt"
     if detail_file.exists():

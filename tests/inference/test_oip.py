@@ -35,7 +35,8 @@ TIMING = ("decode", "preprocess", "queue", "infer", "postprocess", "app")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Server]:
-    s = start_server("onnxruntime", tmp_path_factory.mktemp("oip-logs"), model_cache, "--max-queue", "16")
+    s = start_server("onnxruntime", tmp_path_factory.mktemp("oip-logs"), model_cache, "--max-queue", "16",
+                     "--max-body-mb", "1")
     try:
         yield s
     finally:
@@ -218,6 +219,7 @@ async def test_every_oip_error(server: Server, photos: dict[str, bytes]) -> None
                                           "parameters": {"binary_data_size": 100}}]}, b"\0" * 10)
     await expect_error(u, INFER, 400, "runs past the body", body, **h)
     await expect_error(u, INFER, 400, "exceeds this server's queue of 16", image_json([cat] * 17))
+    await expect_error(u, INFER, 413, "Too Large", b"{" + b" " * (1 << 20) + b"}")
     # The server is still fine after all that.
     status, _, body = await raw(u, INFER, image_json([cat]))
     assert status == 200, body

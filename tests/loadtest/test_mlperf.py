@@ -146,5 +146,5 @@ def test_read_summary_says_why(tmp_path: Path) -> None:
     res = read_summary(tmp_path)
     assert res["result"] == "INVALID"
     assert res["why"] == ["Performance constraints satisfied: NO", "Early stopping satisfied: NO",
-                          "Reduce target QPS to improve latency."]
+                          "Reduce target QPS to improve latency.", "Run unsuccessful.", "Processed 40 queries."]
     assert res["early_stopping"] == ["Run unsuccessful.", "Processed 40 queries."]
