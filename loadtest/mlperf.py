@@ -40,6 +40,7 @@ from .runner import UsageError, load_images, machine, tls_context
 
 SCENARIOS = ("SingleStream", "MultiStream", "Server", "Offline")
 DEFAULT_LATENCY_MS = 100.0  # Server's bound: image classification through a WAN
+P99_EARLY_STOPPING_QUERIES = 662
 
 
 @dataclass
@@ -270,6 +271,10 @@ def settings_for(cfg: MlperfConfig, qps: float | None) -> Any:
         s.min_duration_ms = int(cfg.duration * 1000)
     if cfg.min_queries is not None:
         s.min_query_count = cfg.min_queries
+    elif cfg.scenario in ("Server", "MultiStream"):
+        # The fewest queries with which LoadGen's early stopping can judge a
+        # 99th percentile (its summary says so): fewer, and every run is INVALID.
+        s.min_query_count = P99_EARLY_STOPPING_QUERIES
     lat_ns = int((cfg.target_latency_ms or DEFAULT_LATENCY_MS) * 1e6)
     if cfg.scenario == "Server":
         s.server_target_qps = qps or 10.0
@@ -407,7 +412,10 @@ def add_parser(sub: Any) -> None:
                    help=f"Server: the latency bound at the 99th percentile (default {DEFAULT_LATENCY_MS:g}); "
                         "SingleStream/MultiStream: the expected latency (sizes the run)")
     s.add_argument("--duration", type=float, help="LoadGen's minimum duration in seconds (default: LoadGen's, 10)")
-    s.add_argument("--min-queries", type=int, help="LoadGen's minimum query count (default: LoadGen's, 100)")
+    s.add_argument("--min-queries", type=int,
+                   help=f"LoadGen's minimum query count (default: {P99_EARLY_STOPPING_QUERIES} for Server and "
+                        "MultiStream, the fewest with which early stopping can judge their 99th percentile; "
+                        "LoadGen's 100 otherwise)")
     s.add_argument("--samples", metavar="DIR", help="images of the query sample library (default: the built-in "
                                                     "samples)")
     s.add_argument("--out", default="mlperf-out", metavar="DIR", help="where LoadGen's logs and our JSON go")
