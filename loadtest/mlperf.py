@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
 import re
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +187,12 @@ class Sut:
     # LoadGen's threads
     def issue_queries(self, samples: list[Any]) -> None:
         pairs = [(s.id, s.index) for s in samples]
-        self.loop.call_soon_threadsafe(self._start, pairs)
+        try:
+            self.loop.call_soon_threadsafe(self._start, pairs)
+        except RuntimeError:  # the loop is gone (interrupted): let LoadGen finish at once
+            import mlperf_loadgen as lg
+
+            lg.QuerySamplesComplete([lg.QuerySampleResponse(sid, 0, 0) for sid, _ in pairs])
 
     def flush_queries(self) -> None:
         pass
@@ -346,11 +353,24 @@ async def run_once(cfg: MlperfConfig, out: Path, qps: float | None) -> dict[str,
         log.log_output.copy_summary_to_stdout = False
         settings = settings_for(cfg, qps)
         t0 = time.perf_counter()
-        try:
-            await loop.run_in_executor(None, lg.StartTestWithLogSettings, lg_sut, lg_qsl, settings, log)
-        finally:
-            lg.DestroyQSL(lg_qsl)
-            lg.DestroySUT(lg_sut)
+        finished: asyncio.Future[None] = loop.create_future()
+
+        def test() -> None:
+            try:
+                lg.StartTestWithLogSettings(lg_sut, lg_qsl, settings, log)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is gone after an interruption
+                    loop.call_soon_threadsafe(done)
+
+        def done() -> None:
+            if not finished.done():
+                finished.set_result(None)
+
+        # A daemon thread: after Ctrl-C the process exits without waiting for LoadGen.
+        threading.Thread(target=test, name="loadgen", daemon=True).start()
+        await finished
+        lg.DestroyQSL(lg_qsl)
+        lg.DestroySUT(lg_sut)
         wall = time.perf_counter() - t0
     res = read_summary(out)
     summary = res.pop("summary")
@@ -369,6 +389,26 @@ async def run_once(cfg: MlperfConfig, out: Path, qps: float | None) -> dict[str,
     }
 
 
+MAX_QUERIES = 20000
+
+
+def queries_needed(res: dict[str, Any]) -> int | None:
+    """When a run's only fault is that early stopping could not judge it yet,
+    the query count LoadGen says would let it (capped); else None."""
+    unmet = [w for w in res["why"] if w.endswith(": NO")]
+    if res["errors"] or unmet != ["Early stopping satisfied: NO"]:
+        return None
+    text = " ".join(res["early_stopping"])
+    done = re.search(r"Processed (\d+) queries", text)
+    more = re.search(r"at least (\d+) more queries", text)
+    total = re.search(r"Need to process at least (\d+) queries", text)
+    if more and done:
+        return min(MAX_QUERIES, int(done.group(1)) + int(more.group(1)))
+    if total:
+        return min(MAX_QUERIES, int(total.group(1)))
+    return None
+
+
 async def measure(cfg: MlperfConfig, find_peak: bool, say: Any) -> dict[str, Any]:
     out = Path(cfg.out)
     if not find_peak:
@@ -377,6 +417,11 @@ async def measure(cfg: MlperfConfig, find_peak: bool, say: Any) -> dict[str, Any
     runs: list[dict[str, Any]] = []
     while (qps := search.next_qps()) is not None:
         res = await run_once(cfg, out / f"server-{qps:g}qps", qps)
+        need = queries_needed(res)
+        if need is not None:
+            # Judged too early, not too slow: once, give LoadGen the queries it asked for.
+            say(f"find-peak: {qps:g} QPS: early stopping needs {need} queries; running again with them")
+            res = await run_once(replace(cfg, min_queries=need), out / f"server-{qps:g}qps", qps)
         search.record(qps, res["result"] == "VALID")
         say(f"find-peak: {qps:g} QPS -> {res['result']}" + (f" ({res['why'][0]})" if res["why"] else ""))
         runs.append(res)
@@ -451,7 +496,14 @@ def command(a: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    res = asyncio.run(measure(cfg, a.find_peak, say))
+    try:
+        res = asyncio.run(measure(cfg, a.find_peak, say))
+    except KeyboardInterrupt:
+        # LoadGen's C++ thread cannot be stopped; a normal exit would abort in
+        # its destructor, so leave at once once the line is out.
+        say(f"loadtest: interrupted; LoadGen's logs in {cfg.out} are incomplete")
+        sys.stdout.flush()
+        os._exit(130)
     res.pop("_summary", None)
     res["config"] = {k: v for k, v in asdict(cfg).items() if k != "api_key"} | {"find_peak": a.find_peak}
     res["machine"] = machine()

@@ -6,13 +6,17 @@ policy."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from loadtest.mlperf import PeakSearch, read_summary
+from loadtest.mlperf import PeakSearch, queries_needed, read_summary
+from tests.harness import PY, ROOT
 from tests.inference.conftest import Server, start_server
 from tests.loadtest.conftest import loadtest
 
@@ -148,3 +152,36 @@ def test_read_summary_says_why(tmp_path: Path) -> None:
     assert res["why"] == ["Performance constraints satisfied: NO", "Early stopping satisfied: NO",
                           "Reduce target QPS to improve latency.", "Run unsuccessful.", "Processed 40 queries."]
     assert res["early_stopping"] == ["Run unsuccessful.", "Processed 40 queries."]
+
+
+def test_early_stopping_short_of_queries_asks_for_them() -> None:
+    run = {"errors": {}, "why": ["Early stopping satisfied: NO", "Run unsuccessful."],
+           "early_stopping": ["Run unsuccessful.", "Processed 662 queries.",
+                              "Would need to run at least 495 more queries, with the run being successful if every "
+                              "additional query were under latency."]}
+    assert queries_needed(run) == 1157
+    assert queries_needed(run | {"early_stopping": ["Only processed 125 queries.",
+                                                    "Need to process at least 662 queries for early stopping."]}) == 662
+    # Too slow is not too early: no second run.
+    assert queries_needed(run | {"why": ["Performance constraints satisfied: NO", "Early stopping satisfied: NO"]}) \
+        is None
+    assert queries_needed(run | {"errors": {"HTTP 503": 3}}) is None
+
+
+def test_ctrl_c_ends_at_once(server: Server, tmp_path: Path) -> None:
+    p = subprocess.Popen([PY, "-m", "loadtest", "mlperf", "--scenario", "Server", "--url", server.url + "/photo",
+                          "--target-qps", "10", "--duration", "60", "--out", str(tmp_path)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "mlperf_log_detail.txt").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)  # LoadGen has started once its log exists
+        time.sleep(1)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
