@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from loadtest.mlperf import PeakSearch, queries_needed, read_summary
+from loadtest.mlperfjudge import PeakSearch, queries_needed, read_summary
 from tests.harness import PY, ROOT
 from tests.inference.conftest import Server, start_server
 from tests.loadtest.conftest import loadtest
