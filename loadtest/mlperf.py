@@ -62,6 +62,7 @@ class MlperfConfig:
     samples: str | None = None
     out: str = "mlperf-out"
     concurrency: int = 16  # Offline: requests in flight at most
+    peak_precision: float = 0.05  # --find-peak: stop when the bracket is this fraction of its top
     timeout: float = 30.0
 
 
@@ -279,7 +280,7 @@ async def measure(cfg: MlperfConfig, find_peak: bool, say: Any) -> dict[str, Any
     out = Path(cfg.out)
     if not find_peak:
         return await run_once(cfg, out, cfg.target_qps)
-    search = PeakSearch(cfg.target_qps or 10.0)
+    search = PeakSearch(cfg.target_qps or 10.0, precision=cfg.peak_precision)
     runs: list[dict[str, Any]] = []
     while (qps := search.next_qps()) is not None:
         res = await run_once(cfg, out / f"server-{qps:g}qps", qps)
@@ -334,6 +335,9 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     s.add_argument("--find-peak", action="store_true",
                    help="Server: search the highest --target-qps that stays VALID at the latency bound")
+    s.add_argument("--peak-precision", type=float, default=0.05, metavar="FRACTION",
+                   help="--find-peak: stop when the highest VALID and lowest INVALID rates are this close "
+                        "(a fraction of the INVALID one)")
 
 
 def command(a: argparse.Namespace) -> int:
@@ -348,12 +352,15 @@ def command(a: argparse.Namespace) -> int:
         v = getattr(a, name)
         if v is not None and v <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {v:g}")
+    if not 0 < a.peak_precision < 1:
+        raise UsageError(f"--peak-precision is a fraction between 0 and 1, got {a.peak_precision:g}")
     if a.min_queries is not None and a.min_queries < 1 or a.concurrency < 1:
         raise UsageError("--min-queries and --concurrency must be at least 1")
     cfg = MlperfConfig(scenario=a.scenario, url=a.url, protocol=a.protocol, model=a.model, api_key=a.api_key,
                        ca=a.ca, insecure=a.insecure, pool=a.pool, target_qps=a.target_qps,
                        target_latency_ms=a.target_latency_ms, duration=a.duration, min_queries=a.min_queries,
-                       samples=a.samples, out=a.out, concurrency=a.concurrency, timeout=a.timeout)
+                       samples=a.samples, out=a.out, concurrency=a.concurrency, timeout=a.timeout,
+                       peak_precision=a.peak_precision)
     try:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
