@@ -1,7 +1,7 @@
 """The inference HTTP service (aiohttp): `GET /`, `POST /photo`, `POST /detect`
-and `POST /transform` (`vision_routes.py`), `GET /healthz`,
-`GET /metrics`, `GET /stream` (WebSocket, frame by frame; `stream.py`) and the
-browser page `GET /live`. Decoding runs on a thread pool, forward passes on one
+and `POST /transform` (`vision_routes.py`), `GET /healthz`, `GET /metrics`,
+`GET /stream` (WebSocket, frame by frame; `stream.py`), the browser page
+`GET /live` and the Open Inference Protocol under `/v2` (`oip.py`). Decoding runs on a thread pool, forward passes on one
 inference thread through the dynamic batcher; the event loop only moves
 bytes. Every answer carries Server-Timing and echoes X-Request-ID."""
 
@@ -20,6 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from httpcontract.request_id import HEADER as REQUEST_ID_HEADER
 from httpcontract.request_id import accept as accept_request_id
 
+from . import oip
 from .answers import classification, error, server_timing
 from .batcher import QueueFull
 from .config import ServerConfig
@@ -41,10 +42,13 @@ async def request_id_and_errors(request: web.Request, handler: Any) -> web.Strea
     try:
         resp: web.StreamResponse = await handler(request)
     except web.HTTPException as exc:
-        resp = error(exc.status, exc.reason, request_id=rid)
+        # Under /v2 errors take the Open Inference Protocol's shape, {"error": ...}.
+        resp = (oip.error(exc.status, exc.reason) if request.path.startswith("/v2")
+                else error(exc.status, exc.reason, request_id=rid))
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
-        resp = error(500, "internal error; the server logged the details", request_id=rid)
+        reason = "internal error; the server logged the details"
+        resp = oip.error(500, reason) if request.path.startswith("/v2") else error(500, reason, request_id=rid)
     if not resp.prepared:
         resp.headers[REQUEST_ID_HEADER] = rid
     return resp
@@ -147,6 +151,7 @@ def make_app(plan: ModelPlan, config: ServerConfig, vision: VisionPlans | None =
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/stream", stream)
     app.router.add_get("/live", live)
+    oip.add_routes(app)
     app.on_shutdown.append(close_streams)
 
     async def close(app: web.Application) -> None:

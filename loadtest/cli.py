@@ -1,4 +1,4 @@
-"""Command line of the load tester: `ping`, `classify`, `stream`, `compare`, `report`.
+"""Command line of the load tester: `ping`, `classify`, `stream`, `mlperf`, `compare`, `report`.
 Failures end in one line on standard error and an exit status, never a traceback."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from . import compare, report, slo, stats, streamcli, summary
+from . import compare, mlperfcli, report, slo, stats, streamcli, summary
 from .client import UsageError, machine
 from .options import (
     HelpFormatter,
@@ -43,6 +43,9 @@ examples:
   loadtest ping --url https://edge:8443/ --api-key "$EDGE_KEY" --ca pki/ca.pem --sweep 100,200,400,800 --duration 10
   loadtest stream --url wss://edge:8443/stream --api-key "$EDGE_KEY" --ca pki/ca.pem --fps 30 --streams 8 \\
       --duration 20 --frame-bytes 50000 --html stream.html
+  loadtest classify --protocol oip --model efficientnet-lite0 --url http://127.0.0.1:8000 --rate 50 --duration 20
+  loadtest stream --url ws://127.0.0.1:8000/stream --fps 30 --duration 10 --capacity
+  loadtest mlperf --scenario Server --url http://127.0.0.1:8000/photo --find-peak --out mlperf-server
   loadtest compare direct.json edge.json --html compare.html
   loadtest report edge.json --html edge.html
 
@@ -122,8 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--records", action="store_true", help="include every request's record in the JSON")
         s.add_argument("--quiet", action="store_true", help="no live progress display")
         _slo_option(s)
+        if name == "classify":
+            _oip_arguments(s)
 
     streamcli.add_parser(sub)
+    mlperfcli.add_parser(sub)
 
     c = sub.add_parser("compare", help="results side by side (e.g. direct vs through the edge), with the "
                        "differences from the first", epilog=examples(
@@ -151,12 +157,30 @@ def _slo_option(s: argparse.ArgumentParser) -> None:
                         "or error_rate (error_rate<1%%); drawn in the report; exit status 4 when one is violated")
 
 
+def _oip_arguments(s: argparse.ArgumentParser) -> None:
+    """classify over the Open Inference Protocol (loadtest/oip.py)."""
+    s.add_argument("--protocol", choices=("photo", "oip"), default="photo",
+                   help="photo: POST each image as the body (the inference server's /photo); oip: Open Inference "
+                        "Protocol v2 infer requests with the image as a binary BYTES input (our /v2, Triton, "
+                        "KServe, OVMS); --url is then the server's base URL")
+    s.add_argument("--model", help="--protocol oip: the model's name (its metadata names the input and output)")
+
+
+def new_run(cfg: RunConfig, stop: asyncio.Event) -> Run:
+    if cfg.protocol == "oip":
+        from .oip import OipRun
+
+        return OipRun(cfg, stop)
+    return Run(cfg, stop)
+
+
 def config_from_args(a: argparse.Namespace) -> RunConfig:
     return RunConfig(
         command=a.command, url=a.url, api_key=a.api_key, ca=a.ca, pool=a.pool, insecure=a.insecure,
         rate=a.rate, arrivals=a.arrivals, concurrency=a.concurrency, duration=a.duration, requests=a.requests,
         warmup=a.warmup, timeout=a.timeout, connections=a.connections, images=a.images, seed=a.seed,
         late_ms=a.late_ms, windows=a.windows, keep_going=a.keep_going, sweep=a.sweep, label=a.label,
+        protocol=getattr(a, "protocol", "photo"), model=getattr(a, "model", None),
     )
 
 
@@ -203,7 +227,7 @@ async def _measure(cfg: RunConfig, show: bool, records: bool) -> dict[str, Any]:
     stop = asyncio.Event()
     install_stop_on_signals(stop)
     if not cfg.sweep:
-        run = Run(cfg, stop)
+        run = new_run(cfg, stop)
         await _with_progress(run, cfg.command, show)
         res = report.analyse(run)
         if records:
@@ -212,7 +236,7 @@ async def _measure(cfg: RunConfig, show: bool, records: bool) -> dict[str, Any]:
         return res
     points: list[dict[str, Any]] = []
     for rate in cfg.sweep:
-        run = Run(replace(cfg, rate=rate), stop)
+        run = new_run(replace(cfg, rate=rate), stop)
         await _with_progress(run, f"{cfg.command} @ {rate:g} req/s", show)
         res = report.analyse(run)
         if records:
@@ -323,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             return report_command(a)
         if a.command == "stream":
             return streamcli.stream_command(a)
+        if a.command == "mlperf":
+            return mlperfcli.command(a)
         return run_command(a)
     except UsageError as exc:
         err(f"error: {exc}")

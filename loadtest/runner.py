@@ -79,6 +79,8 @@ class RunConfig:
     keep_going: bool = False
     sweep: list[float] | None = None
     label: str | None = None
+    protocol: str = "photo"  # classify: "photo" (raw image body) or "oip" (loadtest/oip.py)
+    model: str | None = None  # classify --protocol oip: the model's name
 
     @property
     def mode(self) -> str:
