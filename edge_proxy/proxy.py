@@ -1,8 +1,9 @@
-"""Proxying one client request through a worker tunnel: pool choice, slot
-admission, the request head the worker sees, streaming both bodies under
-flow control, timeouts, one safe retry (after a refused stream, or after the
-upstream said it is busy), and the Server-Timing entries `lb`, `tunnel` and
-`edge`."""
+"""Proxying one client request through a worker tunnel: checks, slot
+admission, one attempt in named steps (open, await the head, judge it, the
+answer buffered or streamed), one safe retry (after a refused stream, or
+after the upstream said it is busy), and the Server-Timing entries `lb`,
+`tunnel` and `edge`. What the worker and the client see of the headers is
+heads.py; the body's upload is upload.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """Which workers are connected, in which pool, how busy and how healthy, and
-the admission of requests to them: a slot per unit of advertised capacity,
-a bounded FIFO wait with a deadline when every slot is taken."""
+the admission of requests to them: a slot per unit of effective capacity
+(the advertised one, lowered while a worker sheds load: overload.py), a
+bounded FIFO wait with a deadline when every slot is taken. It talks to
+tunnels through the small `TunnelSession` protocol and gives metrics a
+plain-data `snapshot()`."""
 
 from __future__ import annotations
 

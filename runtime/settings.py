@@ -2,7 +2,8 @@
 field whose metadata (`option(...)`) names its help; the flag (`--field-name`),
 the environment variable (`PREFIX_FIELD_NAME`), argparse, `--help`, the
 systemd env files and the settings reference in docs/ all come from, or are
-checked against, that one declaration (tests/runtime/test_settings_drift.py).
+checked against, that one declaration (tests/runtime/test_settings.py,
+tests/deploy/test_manifests.py).
 
 Precedence: a flag beats its environment variable, which beats the default.
 A bad value in either names the flag or the variable and what it expects.

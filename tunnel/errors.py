@@ -1,7 +1,8 @@
 """Exceptions of the tunnel protocol.
 
 A peer's bad bytes always surface as one `ProtocolError`; misuse of the API by
-the local application surfaces as `UsageError`.
+the local application surfaces as `UsageError`; a stream that ended abnormally
+(reset, tunnel gone) as `StreamError`. All are `TunnelError`s.
 """
 
 from __future__ import annotations
