@@ -1,3 +1,5 @@
-"""ImageNet classification servers for the seed's use case: one aiohttp
-service with OpenCV DNN, TensorFlow and onnxruntime backends, dynamic
-batching, and a local (in-process) mode."""
+"""The model servers of the seed's use case: image classification (OpenCV
+DNN, TensorFlow, onnxruntime), object detection and image transformation
+(TFLite), in one aiohttp service with dynamic batching, frame-by-frame
+streams (`/stream`, `/live`) and the Open Inference Protocol (`/v2`), plus
+local (in-process) modes."""
