@@ -137,7 +137,7 @@ def fetch_cmd(url: str, timeout: float) -> list[str]:
     return [PY, "-c", f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout={timeout}).read().decode())"]
 
 
-def test_a_worker_reaches_the_edge_over_the_tunnel_address_only(spaces: Namespaces, tmp_path: Path):
+def test_edge_and_worker_reach_each_other_over_the_tunnel_only(spaces: Namespaces, tmp_path: Path):
     d = tmp_path / "vpn"
     state = vpn.init(d, f"{UNDERLAY_EDGE}:{WG_PORT}", 1)
     worker = state.workers[0]
@@ -147,6 +147,9 @@ def test_a_worker_reaches_the_edge_over_the_tunnel_address_only(spaces: Namespac
     sh("ip", "-n", worker_ns, "address", "add", f"{UNDERLAY_WORKER}/24", "dev", "vw0")
     sh("ip", "-n", edge_ns, "link", "set", "ve0", "up")
     sh("ip", "-n", worker_ns, "link", "set", "vw0", "up")
+    worker_iface = f"{spaces.prefix}w"
+    if shutil.which("nft"):  # the worker's firewall of docs/vpn.md, loaded before WireGuard as at boot
+        sh("ip", "netns", "exec", worker_ns, "nft", "-f", str(docs_firewall(tmp_path, worker_iface)))
     # The interfaces as wg-quick would set them up: keys and peers, Address, MTU, a route per AllowedIPs.
     for ns, role, conf in ((edge_ns, "e", d / "edge.conf"), (worker_ns, "w", d / "worker-1.conf")):
         iface = spaces.wireguard(ns, role)
@@ -155,7 +158,6 @@ def test_a_worker_reaches_the_edge_over_the_tunnel_address_only(spaces: Namespac
         sh("ip", "-n", ns, "link", "set", iface, "mtu", "1420", "up")
         if ns == worker_ns:
             sh("ip", "-n", ns, "route", "add", conf_value(conf, "AllowedIPs"), "dev", iface)
-    worker_iface = f"{spaces.prefix}w"
     # A tiny HTTP server bound to the edge's tunnel address only.
     www = tmp_path / "www"
     www.mkdir()
@@ -179,8 +181,39 @@ def test_a_worker_reaches_the_edge_over_the_tunnel_address_only(spaces: Namespac
     assert int(handshakes.split()[1]) > 0, handshakes
     endpoints = sh("ip", "netns", "exec", edge_ns, "wg", "show", f"{spaces.prefix}e", "endpoints").stdout
     assert endpoints.split() == [worker.public_key, f"{UNDERLAY_WORKER}:{endpoints.split()[1].rsplit(':', 1)[1]}"]
-    # Without the worker's WireGuard the same request cannot arrive: the server is on the tunnel address only.
+    # The other way, as the edge will reach a worker's inference server: through the worker's firewall
+    # (inbound only on the WireGuard interface), to a server listening on every address.
+    spaces.procs.append(Proc("worker-http", ["ip", "netns", "exec", worker_ns, PY, "-m", "http.server", "8000",
+                                             "--bind", "0.0.0.0", "--directory", str(www)], tmp_path))
+    worker_url = f"http://{worker.address}:8000/token.txt"
+    deadline = time.monotonic() + 30
+    while True:
+        r = subprocess.run(["ip", "netns", "exec", edge_ns, *fetch_cmd(worker_url, 2)], capture_output=True,
+                           text=True, timeout=30, cwd=ROOT)
+        if r.returncode == 0:
+            break
+        assert time.monotonic() < deadline, f"the edge never reached {worker_url}: {r.stderr[-500:]}"
+        time.sleep(0.2)
+    assert r.stdout.strip() == token
+    if shutil.which("nft"):  # the worker's own address on the underlay is closed to the edge
+        r = subprocess.run(["ip", "netns", "exec", edge_ns,
+                            *fetch_cmd(f"http://{UNDERLAY_WORKER}:8000/token.txt", 1)],
+                           capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert r.returncode != 0 and "timed out" in r.stderr, r.stderr[-500:]
+    # Without the worker's WireGuard neither request can arrive: the servers are reached over the tunnel only.
     spaces.daemons["w"].stop()  # the worker's wireguard-go: its interface and route go with it
-    r = subprocess.run(["ip", "netns", "exec", worker_ns, *fetch_cmd(url, 2)], capture_output=True, text=True,
-                       timeout=30, cwd=ROOT)
-    assert r.returncode != 0 and token not in r.stdout
+    for ns, target in ((worker_ns, url), (edge_ns, worker_url)):
+        r = subprocess.run(["ip", "netns", "exec", ns, *fetch_cmd(target, 2)], capture_output=True, text=True,
+                           timeout=30, cwd=ROOT)
+        assert r.returncode != 0 and token not in r.stdout
+
+
+def docs_firewall(tmp_path: Path, iface: str) -> Path:
+    """The nftables ruleset of docs/vpn.md, "The worker's firewall", for this test's interface name."""
+    text = (ROOT / "docs" / "vpn.md").read_text()
+    start = text.index("table inet worker {")
+    rules = text[start:text.index("```", start)].replace('"wg0"', f'"{iface}"')
+    assert f'iifname "{iface}"' in rules and "policy drop" in rules
+    path = tmp_path / "worker.nft"
+    path.write_text(rules)
+    return path
