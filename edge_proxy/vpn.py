@@ -210,7 +210,8 @@ def worker_file(directory: Path, name: str) -> Path:
 
 
 def init(directory: Path, endpoint: str, workers: int, subnet: str = DEFAULT_SUBNET) -> VpnState:
-    """Write edge.conf, worker-1.conf ... worker-N.conf and vpn.json into a new or empty directory."""
+    """Write edge.conf, worker-1.conf ... worker-N.conf and vpn.json into a new or empty directory
+    (made 0700); nothing is written if any input is wrong."""
     if workers < 0:
         raise VpnError("--workers must be 0 or more")
     net = parse_subnet(subnet)
@@ -221,6 +222,9 @@ def init(directory: Path, endpoint: str, workers: int, subnet: str = DEFAULT_SUB
     host_address(net, workers)  # fail on exhaustion before writing anything
     if (directory / STATE_FILE).exists() or (directory / EDGE_FILE).exists():
         raise VpnError(f"{directory} already holds a VPN; add workers with `edge-proxy vpn add-worker {directory}`")
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        # never chmod 0700 a directory that holds other things (--out /etc by mistake)
+        raise VpnError(f"{directory} exists and is not an empty directory; give --out a new directory")
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     privates = {}
@@ -228,9 +232,6 @@ def init(directory: Path, endpoint: str, workers: int, subnet: str = DEFAULT_SUB
         private = generate_private_key()
         state.workers.append(Peer(f"worker-{k}", host_address(net, k), public_key(private)))
         privates[f"worker-{k}"] = private
-    for w in state.workers:
-        if worker_file(directory, w.name).exists():
-            raise VpnError(f"{worker_file(directory, w.name)} already exists; use an empty directory")
     _write_new(directory / EDGE_FILE,
                edge_interface(state, edge_private) + "".join(edge_peer(state, w) for w in state.workers))
     for w in state.workers:

@@ -122,6 +122,12 @@ def test_init_never_overwrites_and_add_worker_appends_a_peer(tmp_path: Path):
     with pytest.raises(vpn.VpnError, match="already holds a VPN"):
         vpn.init(d, "edge:1", 1)
     assert (d / "edge.conf").read_text() == edge_before
+    other = tmp_path / "etc"
+    other.mkdir(mode=0o755)
+    (other / "passwd").write_text("x")
+    with pytest.raises(vpn.VpnError, match="not an empty directory"):
+        vpn.init(other, "edge:1", 1)
+    assert stat.S_IMODE(other.stat().st_mode) == 0o755 and [p.name for p in other.iterdir()] == ["passwd"]
     _, peer = vpn.add_worker(d)
     assert (peer.name, peer.address) == ("worker-2", "10.9.0.3")
     assert (d / "edge.conf").read_text().startswith(edge_before)
