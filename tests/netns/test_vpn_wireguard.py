@@ -217,3 +217,28 @@ def docs_firewall(tmp_path: Path, iface: str) -> Path:
     path = tmp_path / "worker.nft"
     path.write_text(rules)
     return path
+
+
+def test_wg_quick_up_brings_a_worker_config_up_with_its_address_and_route(spaces: Namespaces, tmp_path: Path):
+    """What docs/vpn.md tells users to run; without the kernel module wg-quick falls back to wireguard-go."""
+    d = tmp_path / "vpn"
+    state = vpn.init(d, f"{UNDERLAY_EDGE}:{WG_PORT}", 1)
+    ns = spaces.add("quick")
+    iface = f"{spaces.prefix}q"
+    conf = tmp_path / f"{iface}.conf"  # wg-quick names the interface after the file
+    conf.write_text((d / "worker-1.conf").read_text())
+    conf.chmod(0o600)
+    up = subprocess.run(["ip", "netns", "exec", ns, "wg-quick", "up", str(conf)], capture_output=True, text=True,
+                        timeout=60)
+    try:
+        assert up.returncode == 0, up.stderr
+        addr = sh("ip", "-n", ns, "-o", "address", "show", "dev", iface).stdout
+        assert f"inet {state.workers[0].address}/32" in addr
+        route = sh("ip", "-n", ns, "route", "get", state.edge.address).stdout
+        assert f"dev {iface}" in route
+        assert "mtu 1420" in sh("ip", "-n", ns, "link", "show", iface).stdout
+    finally:  # deleting the interface ends the userspace process wg-quick may have started
+        down = subprocess.run(["ip", "netns", "exec", ns, "wg-quick", "down", str(conf)], capture_output=True,
+                              text=True, timeout=60)
+    assert down.returncode == 0, down.stderr
+    assert iface not in sh("ip", "-n", ns, "link").stdout
