@@ -1,8 +1,9 @@
 """The configs `edge-proxy vpn` writes are accepted by the real WireGuard tools
 and carry traffic: `wg-quick strip` accepts every file, `wg setconf` accepts
 the result on a userspace interface (`wireguard-go`) in a network namespace
-of the test's own, and a worker namespace reaches an HTTP server in the edge
-namespace over the tunnel address only.
+of the test's own, `wg-quick up` brings a worker config up, and the edge and a
+worker namespace reach HTTP servers in each other over the tunnel addresses
+only (the worker behind the firewall docs/vpn.md gives).
 
 All addresses live inside the test's namespaces (a veth pair between them);
 nothing is sent outside. Userspace WireGuard on one host needs a distinct
