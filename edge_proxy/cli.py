@@ -1,4 +1,4 @@
-"""Command line of the edge proxy: `certs`, `keys`, `tokens`, `serve`.
+"""Command line of the edge proxy: `certs`, `keys`, `tokens`, `vpn`, `serve`.
 Every option of `serve` also reads an EDGE_* environment variable."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import logging
 import signal
 import ssl
 import sys
+from pathlib import Path
 
 from aiohttp import web
 
@@ -17,7 +18,7 @@ from runtime import allocator, settings
 from runtime import eventloop as loop
 from runtime.cli import StartupError, run_main, setup_logging
 
-from . import auth, certs
+from . import auth, certs, vpn
 from .app import drain, make_app
 from .config import EdgeConfig
 
@@ -50,6 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
         kr = ksub.add_parser("revoke", help="remove a secret by name")
         kr.add_argument("--file", required=True)
         kr.add_argument("--name", required=True)
+
+    v = sub.add_parser("vpn", help="write WireGuard configs for the edge and its workers (docs/vpn.md)")
+    vsub = v.add_subparsers(dest="action", required=True)
+    vi = vsub.add_parser("init", help="write DIR/edge.conf, DIR/worker-K.conf and DIR/vpn.json (keys included)")
+    vi.add_argument("--out", required=True, help="new directory for the configs (made 0700, files 0600)")
+    vi.add_argument("--endpoint", required=True, help="PUBLIC_HOST:PORT where workers reach the edge over UDP; "
+                    "the edge listens on PORT")
+    vi.add_argument("--workers", type=int, required=True, help="how many worker configs to write")
+    vi.add_argument("--subnet", default=vpn.DEFAULT_SUBNET, help="private network for the tunnel addresses; the "
+                    "edge takes the first host address, workers the next ones (default: %(default)s)")
+    va = vsub.add_parser("add-worker", help="write one more worker config and add its peer to DIR/edge.conf")
+    va.add_argument("dir", help="a directory written by `vpn init`")
+    for vp in (vi, va):
+        vp.add_argument("--pool", default="default", help="pool named in the printed --direct lines "
+                        "(default: %(default)s)")
+        vp.add_argument("--worker-port", type=int, default=vpn.DEFAULT_WORKER_PORT,
+                        help="port of the worker's inference server in the printed --direct lines "
+                        "(default: %(default)s)")
 
     s = sub.add_parser("serve", help="run the edge", description="Run the edge. Every option also reads the "
                        "environment variable named in its help; a flag beats the variable.")
@@ -138,6 +157,8 @@ def _command(args: argparse.Namespace) -> int:
         for name, path in files.items():
             print(f"{name}: {path}", file=sys.stderr)
         return 0
+    if args.command == "vpn":
+        return _vpn(args)
     if args.command in ("keys", "tokens"):
         prefix = auth.CLIENT_KEY_PREFIX if args.command == "keys" else auth.WORKER_TOKEN_PREFIX
         if args.action == "create":
@@ -158,4 +179,30 @@ def _command(args: argparse.Namespace) -> int:
     setup_logging(cfg.log_level)
     allocator.pin_mmap_threshold()  # keeps RSS flat under long TLS traffic
     loop.run(serve(cfg), cfg.loop)
+    return 0
+
+
+def _vpn(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "init":
+            directory = Path(args.out)
+            state = vpn.init(directory, args.endpoint, args.workers, args.subnet)
+            new = state.workers
+            print(f"wrote {directory / vpn.EDGE_FILE} (the edge, {state.edge.address}, listening on UDP "
+                  f"{state.listen_port})", file=sys.stderr)
+        else:
+            directory = Path(args.dir)
+            state, peer = vpn.add_worker(directory)
+            new = [peer]
+            print(f"added {peer.name} to {directory / vpn.EDGE_FILE}; reload the edge's interface with "
+                  f"`wg syncconf IFACE <(wg-quick strip {directory / vpn.EDGE_FILE})`", file=sys.stderr)
+    except vpn.VpnError as exc:
+        raise StartupError(str(exc)) from None
+    for w in new:
+        print(f"wrote {vpn.worker_file(directory, w.name)} ({w.name}, {w.address}): copy it to that worker only",
+              file=sys.stderr)
+    print("direct workers for the edge (`serve --direct` is not built yet, see docs/vpn.md; until then reach "
+          "them through the WSS tunnel or by these addresses yourself):", file=sys.stderr)
+    for w in new:
+        print(vpn.direct_line(w, args.pool, args.worker_port))
     return 0
