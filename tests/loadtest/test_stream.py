@@ -50,8 +50,11 @@ def test_known_delay_over_tls_measures_the_delay_counts_every_frame_and_writes_j
     # The server answers exactly 20 ms after each frame arrived; the rest is loopback, TLS and a busy machine.
     assert 19.5 <= res["latency_ms"]["p50"] <= 20 + 15, res["latency_ms"]
     assert res["latency_ms"]["min"] >= 19.5
-    # Small jitter: a steady server; the bounds leave room for a busy 2-core machine's stalls.
-    assert res["jitter_ms"]["rfc3550"] < 10 and res["jitter_ms"]["p50"] < 3, res["jitter_ms"]
+    # Small jitter: a steady server. The bounds leave room for a busy 2-core
+    # machine's stalls (|IPDV| p50 reached 3.4 ms with the suite sharing the
+    # cores) yet stay well below the 20 ms a miscomputed jitter (from the
+    # latencies themselves, not their differences) would show.
+    assert res["jitter_ms"]["rfc3550"] < 10 and res["jitter_ms"]["p50"] < 8, res["jitter_ms"]
     assert res["achieved_fps"] == pytest.approx(50, rel=0.02)
     assert res["achieved_fps_per_stream"] == pytest.approx(25, rel=0.02)
     assert res["config"]["frame_sizes"] == [50000] and res["config"]["api_key"] is None
