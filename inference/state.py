@@ -54,7 +54,7 @@ class Metrics:
                                       buckets=(.002, .005, .01, .02, .04, .08, .16, .32, .64, 1.28, 2.56), registry=r)
         self.oip_requests = Counter("inference_oip_requests", "POST /v2/models/.../infer answers by status",
                                     ["status"], registry=r)
-        self.oip_images = Counter("inference_oip_images", "images (or tensors) classified through OIP v2 infer",
+        self.oip_images = Counter("inference_oip_images", "images (or tensors) through OIP v2 infer, every model kind",
                                   registry=r)
         for outcome in ("answered", "dropped", "error"):
             self.stream_frames.labels(outcome)

@@ -32,6 +32,16 @@ def test_an_echoed_command_names_the_interpreter_and_hides_the_key_as_a_variable
         ".venv/bin/python", *argv[1:9], ".demo/pki/ca.pem", "--label", "a b"]
 
 
+def test_a_key_inside_an_argument_is_a_variable_in_double_quotes(tmp_path: Path):
+    argv = ["curl", "-H", f"Authorization: Bearer {KEY}", "-H", f'X-Odd: "{KEY}_2"$`x`\\', "--data-binary", "@a b.jpg"]
+    line = command_line(argv, {KEY: "EDGE_KEY"}, tmp_path)
+    assert KEY not in line and '"Authorization: Bearer $EDGE_KEY"' in line
+    assert '"X-Odd: \\"${EDGE_KEY}_2\\"\\$\\`x\\`\\\\"' in line
+    echo = subprocess.run(["sh", "-c", 'for a in ' + line + '; do printf "%s\\n" "$a"; done'],
+                          env={**os.environ, "EDGE_KEY": KEY}, capture_output=True, text=True, check=True)
+    assert echo.stdout.splitlines() == argv
+
+
 def test_an_interpreter_outside_the_checkout_is_named_in_full(tmp_path: Path):
     line = command_line(["/usr/bin/python3", "-m", "loadtest", "compare", "a.json"], {}, tmp_path)
     assert line == "/usr/bin/python3 -m loadtest compare a.json"

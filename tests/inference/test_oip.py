@@ -23,7 +23,7 @@ from inference.models import ModelPlan, Preprocess
 from inference.server import make_app
 from tests.harness import Pki, System, make_pki, wait_for
 
-from .conftest import Server, start_server
+from .conftest import Server, start_server, vision_weights_missing
 
 http = pytest.importorskip("tritonclient.http")
 utils = pytest.importorskip("tritonclient.utils")
@@ -332,3 +332,141 @@ def _with_headers(fn: Any, headers: dict[str, str]) -> Any:
     def call(*args: Any, **kw: Any) -> Any:
         return fn(*args, headers=dict(headers), **kw)  # the client adds its own to the dict it gets
     return call
+
+
+# ------------------------------------------------- the detector and the transformer
+
+DETECTOR, TRANSFORMER = "ssd-mobilenet-v2", "selfie-segmentation"
+vision_only = pytest.mark.skipif(bool(vision_weights_missing()), reason=vision_weights_missing() or "-")
+
+
+@pytest.fixture(scope="module")
+def kinds_server(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Server]:
+    if vision_weights_missing():
+        pytest.skip(vision_weights_missing())
+    s = start_server("onnxruntime", tmp_path_factory.mktemp("oip-kinds-logs"), model_cache,
+                     "--kinds", "classify,detect,transform", "--max-queue", "8")
+    try:
+        yield s
+    finally:
+        s.proc.stop()
+
+
+@vision_only
+def test_every_kind_is_in_the_index_with_truthful_metadata(kinds_server: Server) -> None:
+    c = client(kinds_server.url)
+    assert c.get_model_repository_index() == [{"name": n, "version": "1", "state": "READY"}
+                                              for n in (MODEL, DETECTOR, TRANSFORMER)]
+    assert all(c.is_model_ready(n) for n in (MODEL, DETECTOR, TRANSFORMER)) and c.is_server_ready()
+    det = c.get_model_metadata(DETECTOR)
+    assert det["platform"] == "tflite" and det["versions"] == ["1"]
+    assert [(i["name"], i["datatype"], i["shape"]) for i in det["inputs"]] == [("image", "BYTES", [-1])]
+    assert [(o["name"], o["datatype"], o["shape"]) for o in det["outputs"]] == [
+        ("boxes", "FP32", [-1, -1, 4]), ("scores", "FP32", [-1, -1]), ("classes", "INT32", [-1, -1]),
+        ("labels", "BYTES", [-1, -1]), ("count", "INT32", [-1])]
+    assert "Cat" in det["outputs"][3]["parameters"]["classes"]
+    seg = c.get_model_metadata(TRANSFORMER)
+    assert [(i["name"], i["datatype"]) for i in seg["inputs"]] == [("image", "BYTES")]
+    assert [(o["name"], o["datatype"], o["shape"]) for o in seg["outputs"]] == [
+        ("transformed", "BYTES", [-1]), ("mask_coverage", "FP32", [-1])]
+    assert c.get_model_metadata(MODEL)["outputs"][0]["name"] == "scores"  # the classifier is unchanged
+
+
+@vision_only
+async def test_tritonclient_detects_the_cat_where_post_detect_does(kinds_server: Server,
+                                                                   photos: dict[str, bytes]) -> None:
+    from .test_vision import CHELSEA_CAT, box_iou, grey_jpeg
+    c = client(kinds_server.url)
+    r = c.infer(DETECTOR, [image_input(photos["chelsea"], grey_jpeg())])
+    count, boxes, scores = r.as_numpy("count"), r.as_numpy("boxes"), r.as_numpy("scores")
+    classes, names = r.as_numpy("classes"), r.as_numpy("labels")
+    k = int(count.max())
+    assert count.dtype == np.int32 and list(count) == [k, 0] and k >= 1
+    assert boxes.shape == (2, k, 4) and boxes.dtype == np.float32 and scores.shape == classes.shape == (2, k)
+    assert names[0][0] == b"Cat" and classes[0][0] == 8 and scores[0][0] >= 0.5
+    assert box_iou(boxes[0][0].tolist(), CHELSEA_CAT) >= 0.5
+    assert (classes[1] == -1).all() and (scores[1] == 0).all() and (names[1] == b"").all()  # the padding
+    none = c.infer(DETECTOR, [image_input(grey_jpeg())])
+    assert none.as_numpy("boxes").shape == (1, 0, 4) and list(none.as_numpy("count")) == [0]
+    async with aiohttp.ClientSession() as s, s.post(kinds_server.url + "/detect", data=photos["chelsea"]) as resp:
+        same = (await resp.json())["detections"]
+    assert [d["label"] for d in same] == [n.decode() for n in names[0]]
+    assert np.allclose([d["box"] for d in same], boxes[0], atol=0.05)
+    # The request's parameters are /detect's query.
+    low = c.infer(DETECTOR, [image_input(photos["astronaut"])], parameters={"min_score": 0.05, "max": 3})
+    assert low.as_numpy("count")[0] == 3 and "Person" in {n.decode() for n in low.as_numpy("labels")[0]}
+    # JSON in and out, with the Server-Timing phases.
+    req = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                       "data": [base64.b64encode(photos["chelsea"]).decode()]}],
+           "outputs": [{"name": "labels"}, {"name": "count"}]}
+    status, headers, body = await raw(kinds_server.url, f"/v2/models/{DETECTOR}/infer", req)
+    assert status == 200, body
+    doc = json.loads(body)
+    assert [o["name"] for o in doc["outputs"]] == ["labels", "count"]
+    assert doc["outputs"][0]["data"][0] == "Cat" and doc["outputs"][1] == {
+        "name": "count", "datatype": "INT32", "shape": [1], "data": [len(same)]}
+    assert list(parse_timing(headers)) == list(TIMING)
+
+
+def parse_timing(headers: dict[str, str]) -> dict[str, float]:
+    return {k: float(v) for k, v in (e.split(";dur=") for e in headers["Server-Timing"].split(", "))}
+
+
+@vision_only
+async def test_tritonclient_transforms_an_image_to_an_image(kinds_server: Server, photos: dict[str, bytes]) -> None:
+    import io
+
+    from PIL import Image
+
+    from .test_vision import BACKGROUND_REGIONS, PERSON_REGIONS
+    c = client(kinds_server.url)
+    r = c.infer(TRANSFORMER, [image_input(photos["astronaut"], photos["chelsea"])],
+                parameters={"mode": "replace", "format": "png", "color": "0000ff"})
+    out, cover = r.as_numpy("transformed"), r.as_numpy("mask_coverage")
+    assert out.shape == (2,) and cover.shape == (2,) and cover.dtype == np.float32
+    img = Image.open(io.BytesIO(out[0]))
+    assert img.format == "PNG" and img.size == (512, 512)
+    px = np.asarray(img.convert("RGB"), np.int32)
+    for x0, y0, x1, y1 in BACKGROUND_REGIONS:
+        assert np.abs(px[y0:y1, x0:x1].mean(axis=(0, 1)) - (0, 0, 255)).max() < 40
+    for x0, y0, x1, y1 in PERSON_REGIONS:
+        assert np.abs(px[y0:y1, x0:x1].mean(axis=(0, 1)) - (0, 0, 255)).max() > 60
+    assert Image.open(io.BytesIO(out[1])).size == (451, 300) and 0.05 < cover[0] < 0.95
+    # The cutout has alpha; JSON gives the image in base64; the phases include encode.
+    req = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                       "data": [base64.b64encode(photos["astronaut"]).decode()]}],
+           "parameters": {"mode": "cutout"}, "outputs": [{"name": "transformed"}]}
+    status, headers, body = await raw(kinds_server.url, f"/v2/models/{TRANSFORMER}/infer", req)
+    assert status == 200, body
+    cut = Image.open(io.BytesIO(base64.b64decode(json.loads(body)["outputs"][0]["data"][0])))
+    assert cut.mode == "RGBA" and cut.size == (512, 512)
+    assert list(parse_timing(headers)) == [*TIMING[:-1], "encode", "app"]
+
+
+@vision_only
+async def test_detector_and_transformer_errors_take_oip_shape(kinds_server: Server, photos: dict[str, bytes]) -> None:
+    u = kinds_server.url
+    cat = base64.b64encode(photos["chelsea"]).decode()
+    det, seg = f"/v2/models/{DETECTOR}/infer", f"/v2/models/{TRANSFORMER}/infer"
+    await expect_error(u, "/v2/models/blazeface/infer", 404, f"serves '{MODEL}', '{DETECTOR}', '{TRANSFORMER}'",
+                       image_json([cat]))
+    await expect_error(u, det, 400, "unknown input 'input'; this model takes 'image' (BYTES, encoded images) only",
+                       {"inputs": [{"name": "input", "shape": [1, 300, 300, 3], "datatype": "FP32", "data": [0]}]})
+    await expect_error(u, det, 400, "element 1: not an image", image_json([cat, base64.b64encode(b"no").decode()]))
+    await expect_error(u, det, 400, "parameter 'min_score' must be a number from 0 to 1",
+                       {**image_json([cat]), "parameters": {"min_score": 2}})
+    await expect_error(u, det, 400, "parameter 'max' must be a whole number", {**image_json([cat]),
+                                                                              "parameters": {"max": 2.5}})
+    await expect_error(u, det, 400, "unknown output 'transformed'", {**image_json([cat]),
+                                                                     "outputs": [{"name": "transformed"}]})
+    await expect_error(u, det, 400, "classification extension applies to a classifier's 'scores' only",
+                       {**image_json([cat]), "outputs": [{"name": "scores", "parameters": {"classification": 2}}]})
+    await expect_error(u, det, 400, "exceeds this server's queue of 8", image_json([cat] * 9))
+    await expect_error(u, seg, 400, "parameter 'mode' must be one of blur, replace, cutout",
+                       {**image_json([cat]), "parameters": {"mode": "sepia"}})
+    await expect_error(u, seg, 400, "parameter 'format' must be jpeg or png (cutout: png",
+                       {**image_json([cat]), "parameters": {"mode": "cutout", "format": "jpeg"}})
+    await expect_error(u, seg, 400, "parameter 'color': color must be six hex digits",
+                       {**image_json([cat]), "parameters": {"mode": "replace", "color": "green"}})
+    status, _, body = await raw(u, seg, image_json([cat]))
+    assert status == 200, body
