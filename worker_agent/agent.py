@@ -38,6 +38,7 @@ from . import __version__, websocket
 from .backoff import Backoff
 from .config import AgentConfig
 from .forward import forward
+from .upstream import UpstreamPool
 
 log = logging.getLogger("worker_agent")
 
@@ -251,8 +252,8 @@ class TunnelClient:
                 await websocket.serve(io, ch, ev.head, self.agent.http, cfg.upstream.rstrip("/"), cfg.ws_max_message,
                                       cfg.upstream_timeout)
             else:
-                await forward(io, ch, ev.head, ev.end_stream, self.agent.http, cfg.upstream.rstrip("/"),
-                              cfg.buffer_response, cfg.upstream_timeout)
+                await forward(io, ch, ev.head, ev.end_stream, self.agent.upstream, cfg.buffer_response,
+                              cfg.upstream_timeout)
         except Exception:
             log.exception("stream %d failed", ch.stream_id)
             io.reset(ch.stream_id, ErrorCode.INTERNAL_ERROR, "agent error")
@@ -324,7 +325,13 @@ class Agent:
         self.stopping = asyncio.Event()
         self.upstream_healthy: bool | None = None
         self.upstream_detail = ""
-        self.http: aiohttp.ClientSession
+        self.http: aiohttp.ClientSession  # WebSockets and the health probe
+        # Plain requests: a lean keep-alive pool (aiohttp's general client was
+        # a quarter of the agent's CPU per request, docs/benchmarks.md).
+        try:
+            self.upstream = UpstreamPool(config.upstream.rstrip("/"))
+        except ValueError as exc:
+            raise StartupError(f"--upstream: {exc}") from None
 
     def admit(self, is_check: bool) -> bool:
         if self.stopping.is_set():
@@ -385,6 +392,7 @@ class Agent:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, prober, return_exceptions=True)
+            self.upstream.close()
         log.info("agent stopped")
 
     def stop(self) -> None:
