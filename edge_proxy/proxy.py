@@ -11,11 +11,11 @@ import enum
 import logging
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from multidict import CIMultiDict
 
 from httpcontract.timing import entry as timing_entry
 from httpcontract.timing import merge as merge_server_timing
@@ -56,6 +56,7 @@ EDGE_OWNED = frozenset(
         "expect",  # answered by the edge itself (100-continue); the body then streams normally
     }
 )
+EDGE_OWNED_AND_ID = EDGE_OWNED | {"x-request-id"}  # the edge's own id replaces the client's
 RESPONSE_DROP = frozenset({"content-length", "server-timing", "date", "server"})
 NO_BODY_STATUSES = {204, 304}
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
@@ -85,7 +86,7 @@ def resolve_pool(request: web.Request) -> tuple[str, str]:
     return request.headers.get("X-Pool", "default"), raw
 
 
-def undecodable_header(headers: list[tuple[str, str]]) -> str | None:
+def undecodable_header(headers: Iterable[tuple[str, str]]) -> str | None:
     """The name of the first header whose value is not valid UTF-8 (aiohttp
     keeps such bytes as surrogate escapes, which no HTTP client can send on)."""
     for name, value in headers:
@@ -96,14 +97,13 @@ def undecodable_header(headers: list[tuple[str, str]]) -> str | None:
 
 
 def request_head(request: web.Request, target: str, request_id: str) -> RequestHead:
-    headers = end_to_end(request.headers.items(), EDGE_OWNED)
+    headers = end_to_end(request.headers.items(), EDGE_OWNED_AND_ID)
     host = request.headers.get("Host", "")
     headers.append(("Host", host))
     headers.append(("X-Forwarded-For", request.remote or ""))
     headers.append(("X-Forwarded-Proto", request.scheme))
     if host:
         headers.append(("X-Forwarded-Host", host))
-    headers = [(n, v) for n, v in headers if n.lower() != "x-request-id"]
     headers.append(("X-Request-ID", request_id))
     if request.content_length is not None:
         headers.append(("Content-Length", str(request.content_length)))
@@ -123,7 +123,7 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
         state.metrics.rejections.labels("body_too_large").inc()
         return error_response(413, "body_too_large", f"request body of {request.content_length} bytes exceeds the "
                               f"limit of {cfg.max_body}", request_id, close=True)
-    bad = undecodable_header(list(request.headers.items()))
+    bad = undecodable_header(request.headers.items())
     if bad is not None:
         return error_response(400, "bad_header", f"header {bad!r} has bytes that are not UTF-8", request_id)
     head = request_head(request, target, request_id)
@@ -307,7 +307,7 @@ def _buffered(att: Attempt, rhead: ResponseHead) -> bool:
     return not _expects_body(att, rhead) or (length is not None and length <= att.state.config.buffer_response)
 
 
-def _head_out(att: Attempt, rhead: ResponseHead) -> tuple[CIMultiDict[str], list[str]]:
+def _head_out(att: Attempt, rhead: ResponseHead) -> tuple[list[tuple[str, str]], list[str]]:
     """The headers the client gets (end-to-end, decodable) and our timing entries."""
     headers = end_to_end(rhead.headers, RESPONSE_DROP)
     if (bad := undecodable_header(headers)) is not None:
@@ -317,7 +317,7 @@ def _head_out(att: Attempt, rhead: ResponseHead) -> tuple[CIMultiDict[str], list
     extra = [timing_entry("lb", att.lb), timing_entry("tunnel", att.t_head - att.t_sent)]
     if (rtt := att.session.rtt) is not None:
         extra.append(timing_entry("tunnel_rtt", rtt))
-    return CIMultiDict(headers), extra
+    return headers, extra  # aiohttp makes its own CIMultiDict of them: no copy of ours first
 
 
 def _stamp_timing(att: Attempt, rhead: ResponseHead, resp: web.StreamResponse, extra: list[str]) -> None:

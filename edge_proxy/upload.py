@@ -123,6 +123,10 @@ async def await_head(ch: StreamChannel, upload: Upload | None, timeout: float) -
     """Wait for the response head while watching the body upload for errors:
     BodyTooLarge/BodyStalled pass through, a client gone mid-upload becomes
     CancelledError, TimeoutError after `timeout`."""
+    if upload is None:
+        # Nothing else to watch (the common GET): no asyncio.wait machinery.
+        async with asyncio.timeout(timeout):
+            return await ch.head  # a cancelled head future is skipped by whoever would set it
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     waits: set[asyncio.Future[Any]] = {ch.head}

@@ -231,10 +231,9 @@ class TunnelClient:
                 ch.body.put_nowait(None)
             task = asyncio.create_task(self._serve(io, ch, ev))
             self._tasks[ev.stream_id] = task
-            task.add_done_callback(self._forget_task)
         elif isinstance(ev, StreamReset):
             # The edge gave up on it (client gone, timeout): cancel the upstream request.
-            running = self._tasks.get(ev.stream_id)
+            running = self._tasks.pop(ev.stream_id, None)
             if running is not None:
                 running.cancel()
             # Free the slot now: the edge considers it free already and may
@@ -258,6 +257,7 @@ class TunnelClient:
             log.exception("stream %d failed", ch.stream_id)
             io.reset(ch.stream_id, ErrorCode.INTERNAL_ERROR, "agent error")
         finally:
+            self._tasks.pop(ch.stream_id, None)
             self._release_slot(ch.stream_id)
             if self._edge_draining and not io.channels and self.ws is not None:
                 await io.drain_output()  # the last response must leave before the close
@@ -267,11 +267,6 @@ class TunnelClient:
         is_check = self._slots.pop(stream_id, None)
         if is_check is not None:
             self.agent.done(is_check)
-
-    def _forget_task(self, task: asyncio.Task[None]) -> None:
-        for sid, t in list(self._tasks.items()):
-            if t is task:
-                del self._tasks[sid]
 
     def _on_dead(self, reason: str) -> None:
         log.warning("tunnel %s: %s; dropping it", self.name, reason)
