@@ -221,7 +221,11 @@ class TunnelClient:
             if self._welcome is not None and not self._welcome.done():
                 self._welcome.set_result(ev)
         elif isinstance(ev, RequestReceived):
-            is_check = any(n.lower() == "x-edge-health-check" for n, _ in ev.head.headers)
+            is_check = False
+            for n, _ in ev.head.headers:  # a plain loop: this runs on every request
+                if n.lower() == "x-edge-health-check":
+                    is_check = True
+                    break
             if not self.agent.admit(is_check):
                 io.reset(ev.stream_id, ErrorCode.REFUSED_STREAM, "worker at capacity or draining")
                 return

@@ -82,7 +82,11 @@ class Response:
             yield chunk
 
     async def read(self) -> bytes:
-        parts = [c async for c in self.chunks()]
+        conn = self._conn
+        parts: list[bytes] = []
+        while (chunk := await conn.read_body()) is not None:  # no async generator per answer
+            parts.append(chunk)
+        self.release()
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def release(self) -> None:
