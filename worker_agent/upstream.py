@@ -19,6 +19,10 @@ that finds it closed before any answer byte is sent again once on a new
 connection when its body can be replayed.
 
 WebSockets do not come here: the agent keeps aiohttp's client for them.
+
+Long because the connection's protocol, its parser callbacks and the pool
+that decides reuse share one exchange's state: split, the reuse rules
+(the thing to get right) would be spread over modules.
 """
 
 from __future__ import annotations
