@@ -147,7 +147,8 @@ def lua_script(work: Path, shape: Shape) -> Path | None:
 def wrk(t: Target, shape: Shape, concurrency: int, seconds: float, script: Path | None, auth: dict[str, str],
         out: Samples, label: str | None = None) -> float:
     """One wrk run; records req/s and CPU per request of the target's processes. Returns req/s."""
-    args = [WRK or "wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--timeout", "10s",
+    # wrk takes whole seconds only.
+    args = [WRK or "wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
             "-H", f"Authorization: {auth['Authorization']}"]
     if script is not None:
         args += ["-s", str(script)]
@@ -286,7 +287,7 @@ async def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are medians over them")
     ap.add_argument("--requests", type=int, default=400,
                     help="GET requests per target per round at c=1 (100 KB: half, 1 MB: a fifth)")
-    ap.add_argument("--seconds", type=float, default=3.0, help="seconds per wrk run")
+    ap.add_argument("--seconds", type=float, default=3.0, help="seconds per wrk run (whole seconds, at least 1)")
     ap.add_argument("--no-nginx", action="store_true", help="skip the nginx reference row")
     ap.add_argument("--processes", default="", help="comma-separated edge process counts for GET at c=64 "
                     "(edge-proxy serve --processes N), e.g. 1,2")
