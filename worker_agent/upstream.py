@@ -42,6 +42,8 @@ LENGTH_REQUIRED = frozenset({"POST", "PUT", "PATCH"})
 # Pause reading a response body beyond this much unread by the caller.
 READ_HIGH_WATER = 1024 * 1024
 CONTINUE_WAIT = 1.0  # seconds to wait for "100 Continue" before sending the body anyway
+# An answer head must fit in one tunnel frame (64 KiB by default) with room to spare.
+MAX_HEAD = 48 * 1024
 
 
 class UpstreamError(Exception):
@@ -116,6 +118,7 @@ class _Connection(asyncio.Protocol):
         self._continue: asyncio.Future[None] | None = None
         self._status = 0
         self._headers: list[tuple[str, str]] = []
+        self._head_bytes = 0
         self._body: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -179,6 +182,9 @@ class _Connection(asyncio.Protocol):
 
     # ------------------------------------------------------ parser callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_HEAD:
+            raise UpstreamError(f"the upstream's answer head is over {MAX_HEAD} bytes")
         self._headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
@@ -188,6 +194,7 @@ class _Connection(asyncio.Protocol):
             if status == 101:
                 raise UpstreamError("the upstream switched protocols on a plain request")
             self._headers = []  # interim: the final answer follows
+            self._head_bytes = 0
             if self._continue is not None and not self._continue.done():
                 self._continue.set_result(None)
             return
@@ -248,6 +255,7 @@ class _Connection(asyncio.Protocol):
         self._continue = loop.create_future() if expect_continue else None
         self._status = 0
         self._headers = []
+        self._head_bytes = 0
         self._body.clear()
         self._buffered = 0
         self._complete = False

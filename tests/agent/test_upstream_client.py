@@ -231,7 +231,12 @@ async def test_close_delimited_answer_and_connection_reuse_rules() -> None:
 async def test_unreachable_broken_and_garbage_answers() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await read_head(reader)
-        if b"/short" in head:
+        if b"/huge-head" in head:
+            writer.write(b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"p" * 4000 + b"\r\n")
+            for _ in range(20):
+                writer.write(b"X-Pad: " + b"p" * 4000 + b"\r\n")
+            writer.write(b"Content-Length: 0\r\n\r\n")
+        elif b"/short" in head:
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
         elif b"/garbage" in head:
             writer.write(b"SPDY/9 nonsense\r\n\r\n")
@@ -248,6 +253,8 @@ async def test_unreachable_broken_and_garbage_answers() -> None:
             await pool.request("GET", "/garbage", [])
         with pytest.raises(UpstreamError):
             await pool.request("GET", "/silent", [])
+        with pytest.raises(UpstreamError):  # would not fit in a tunnel frame
+            await pool.request("GET", "/huge-head", [])
     finally:
         pool.close()
         server.close()
