@@ -6,6 +6,7 @@ gets. Pure functions of a request's headers."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from aiohttp import web
 
@@ -31,6 +32,7 @@ EDGE_OWNED = frozenset(
         "expect",  # answered by the edge itself (100-continue); the body then streams normally
     }
 )
+EDGE_OWNED_AND_ID = EDGE_OWNED | {"x-request-id"}  # the edge's own id replaces the client's
 RESPONSE_DROP = frozenset({"content-length", "server-timing", "date", "server"})
 
 def resolve_pool(request: web.Request) -> tuple[str, str]:
@@ -44,7 +46,7 @@ def resolve_pool(request: web.Request) -> tuple[str, str]:
     return request.headers.get("X-Pool", "default"), raw
 
 
-def undecodable_header(headers: list[tuple[str, str]]) -> str | None:
+def undecodable_header(headers: Iterable[tuple[str, str]]) -> str | None:
     """The name of the first header whose value is not valid UTF-8 (aiohttp
     keeps such bytes as surrogate escapes, which no HTTP client can send on)."""
     for name, value in headers:
@@ -55,14 +57,13 @@ def undecodable_header(headers: list[tuple[str, str]]) -> str | None:
 
 
 def request_head(request: web.Request, target: str, request_id: str) -> RequestHead:
-    headers = end_to_end(request.headers.items(), EDGE_OWNED)
+    headers = end_to_end(request.headers.items(), EDGE_OWNED_AND_ID)
     host = request.headers.get("Host", "")
     headers.append(("Host", host))
     headers.append(("X-Forwarded-For", request.remote or ""))
     headers.append(("X-Forwarded-Proto", request.scheme))
     if host:
         headers.append(("X-Forwarded-Host", host))
-    headers = [(n, v) for n, v in headers if n.lower() != "x-request-id"]
     headers.append(("X-Request-ID", request_id))
     if request.content_length is not None:
         headers.append(("Content-Length", str(request.content_length)))

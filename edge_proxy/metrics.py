@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -27,31 +27,55 @@ def tasks_by_coroutine(tasks: set[asyncio.Task[object]]) -> dict[str, int]:
     return counts
 
 
+M = TypeVar("M", Counter, Histogram)
+
+
+class Children(Generic[M]):
+    """A per-request metric's labelled children, kept by label values:
+    prometheus_client's `labels()` validates and takes a lock on every call,
+    a few microseconds per request for a lookup whose answer never changes.
+    The label sets are as bounded as prometheus_client's own (which keeps
+    every child it made anyway)."""
+
+    __slots__ = ("metric", "_children")
+
+    def __init__(self, metric: M) -> None:
+        self.metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def labels(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
+
+
 class EdgeMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("edge_requests", "Proxied requests by pool and status", ["pool", "status"], registry=r)
-        self.duration = Histogram("edge_request_duration_seconds", "Request received -> response finished",
-                                  ["pool"], buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("edge_queue_wait_seconds", "Wait for a worker slot (lb)", ["pool"],
-                                    buckets=LATENCY_BUCKETS, registry=r)
-        self.retries = Counter("edge_retries", "Requests retried on another worker", ["pool"], registry=r)
+        self.requests = Children(Counter("edge_requests", "Proxied requests by pool and status", ["pool", "status"],
+                                         registry=r))
+        self.duration = Children(Histogram("edge_request_duration_seconds", "Request received -> response finished",
+                                  ["pool"], buckets=LATENCY_BUCKETS, registry=r))
+        self.queue_wait = Children(Histogram("edge_queue_wait_seconds", "Wait for a worker slot (lb)", ["pool"],
+                                    buckets=LATENCY_BUCKETS, registry=r))
+        self.retries = Children(Counter("edge_retries", "Requests retried on another worker", ["pool"], registry=r))
         self.ejections = Counter("edge_ejections", "Workers ejected by outlier detection", ["pool"], registry=r)
         self.ejections_capped = Counter("edge_ejections_capped", "Ejections due by outlier detection that "
                                         "--max-ejection-percent (or the last available worker) prevented", ["pool"],
                                         registry=r)
-        self.shed = Counter("edge_upstream_shed", "Upstream answers saying busy (503 + Retry-After, 429): not "
+        self.shed = Children(Counter("edge_upstream_shed", "Upstream answers saying busy (503 + Retry-After, 429): not "
                             "failures; handling = retried on another worker or returned to the client",
-                            ["pool", "handling"], registry=r)
+                            ["pool", "handling"], registry=r))
         self.effective_capacity = Gauge("edge_worker_effective_capacity", "Requests the edge lets in flight on a "
                                         "worker now: its capacity, lowered while it sheds load", ["worker", "pool"],
                                         registry=r)
-        self.rejections = Counter("edge_rejections", "Requests refused at the edge", ["reason"], registry=r)
+        self.rejections = Children(Counter("edge_rejections", "Requests refused at the edge", ["reason"], registry=r))
         self.tunnel_refusals = Counter("edge_tunnel_refusals", "Agent handshakes refused (duplicate_id: another "
                                        "live agent process holds the id; version: no common protocol version)",
                                        ["reason"], registry=r)
-        self.upload_aborts = Counter("edge_upload_aborts", "Request bodies cut off by the client mid-upload",
-                                     ["pool"], registry=r)
+        self.upload_aborts = Children(Counter("edge_upload_aborts", "Request bodies cut off by the client mid-upload",
+                                     ["pool"], registry=r))
         self.tunnel_rtt = Gauge("edge_tunnel_rtt_seconds", "Smoothed tunnel RTT from heartbeats", ["worker", "pool"],
                                 registry=r)
         self.workers = Gauge("edge_workers", "Connected workers by pool and health", ["pool", "state"], registry=r)

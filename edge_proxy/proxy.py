@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from multidict import CIMultiDict
 
 from httpcontract.timing import entry as timing_entry
 from httpcontract.timing import merge as merge_server_timing
@@ -63,7 +62,7 @@ def check_pool(state: EdgeState, pool_name: str) -> None:
 
 
 def check_headers(request: web.Request) -> None:
-    if (bad := undecodable_header(list(request.headers.items()))) is not None:
+    if (bad := undecodable_header(request.headers.items())) is not None:
         raise EdgeError(f"header {bad!r} has bytes that are not UTF-8", status=400, code="bad_header")
 
 
@@ -264,7 +263,7 @@ def _buffered(att: Attempt, rhead: ResponseHead) -> bool:
     return not _expects_body(att, rhead) or (length is not None and length <= att.state.config.buffer_response)
 
 
-def _head_out(att: Attempt, rhead: ResponseHead) -> tuple[CIMultiDict[str], list[str]]:
+def _head_out(att: Attempt, rhead: ResponseHead) -> tuple[list[tuple[str, str]], list[str]]:
     """The headers the client gets (end-to-end, decodable) and our timing entries."""
     headers = end_to_end(rhead.headers, RESPONSE_DROP)
     if (bad := undecodable_header(headers)) is not None:
@@ -274,7 +273,7 @@ def _head_out(att: Attempt, rhead: ResponseHead) -> tuple[CIMultiDict[str], list
     extra = [timing_entry("lb", att.lb), timing_entry("tunnel", att.t_head - att.t_sent)]
     if (rtt := att.session.rtt) is not None:
         extra.append(timing_entry("tunnel_rtt", rtt))
-    return CIMultiDict(headers), extra
+    return headers, extra  # aiohttp makes its own CIMultiDict of them: no copy of ours first
 
 
 def _stamp_timing(att: Attempt, rhead: ResponseHead, resp: web.StreamResponse, extra: list[str]) -> None:

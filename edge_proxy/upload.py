@@ -48,10 +48,16 @@ class RequestBody:
             try:
                 # asyncio.timeout, not wait_for: wait_for wraps every read in a new Task.
                 async with asyncio.timeout(self.stall_timeout):
-                    chunk = await self.request.content.readany()
+                    # readchunk, not readany: readany joins whatever is
+                    # buffered into a new bytes (a copy of most of a large
+                    # body, ~9% of the edge's CPU on 1 MB uploads); the
+                    # tunnel takes the parsed pieces as they are.
+                    chunk, end_of_http_chunk = await self.request.content.readchunk()
             except TimeoutError:
                 raise BodyStalled() from None
             if not chunk:
+                if end_of_http_chunk:
+                    continue  # a chunk boundary of a chunked body, not its end
                 self.finished = True
                 return
             self.read += len(chunk)
@@ -123,6 +129,10 @@ async def await_head(ch: StreamChannel, upload: Upload | None, timeout: float) -
     """Wait for the response head while watching the body upload for errors:
     BodyTooLarge/BodyStalled pass through, a client gone mid-upload becomes
     CancelledError, TimeoutError after `timeout`."""
+    if upload is None:
+        # Nothing else to watch (the common GET): no asyncio.wait machinery.
+        async with asyncio.timeout(timeout):
+            return await ch.head  # a cancelled head future is skipped by whoever would set it
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     waits: set[asyncio.Future[Any]] = {ch.head}

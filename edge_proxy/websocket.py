@@ -62,7 +62,10 @@ REFUSAL_BODY_LIMIT = 1024 * 1024
 def is_upgrade(request: web.Request) -> bool:
     if request.method != "GET":
         return False
-    tokens = {t.strip().lower() for t in request.headers.get("Upgrade", "").split(",")}
+    upgrade = request.headers.get("Upgrade")
+    if not upgrade:
+        return False  # every plain GET: no set built
+    tokens = {t.strip().lower() for t in upgrade.split(",")}
     return "websocket" in tokens
 
 

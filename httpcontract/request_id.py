@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 
 HEADER = "X-Request-ID"
 PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -20,4 +20,5 @@ def accept(value: str | None) -> str:
 
 
 def new() -> str:
-    return uuid.uuid4().hex
+    """32 random hex digits (the length of a uuid4's hex; without building a UUID object per request)."""
+    return os.urandom(16).hex()

@@ -8,6 +8,7 @@ reading a stream with acknowledgement, heartbeats. The protocol core in
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,30 +37,97 @@ def _ignore_dead(reason: str) -> None:
     pass
 
 
+class _Chunks:
+    """A stream's received body: chunks, then None at the end, or a
+    StreamError. An `asyncio.Queue` without its per-stream cost (two
+    deques, a dict of getters, a loop lookup): one deque, one waiter."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: collections.deque[bytes | None | StreamError] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: bytes | None | StreamError) -> None:
+        self.items.append(item)
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def empty(self) -> bool:
+        return not self.items
+
+    def get_nowait(self) -> bytes | None | StreamError:
+        return self.items.popleft()  # IndexError when empty, as asyncio.Queue's QueueEmpty
+
+    async def get(self) -> bytes | None | StreamError:
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.items.popleft()
+
+
 class StreamChannel:
     """One stream as seen by application code: the response head (edge side),
     a queue of body chunks ending with None, and a send-window signal."""
 
-    __slots__ = ("stream_id", "head", "body", "window", "error", "ended", "outbound")
+    __slots__ = ("stream_id", "_head", "body", "_window", "error", "ended", "outbound")
 
     def __init__(self, stream_id: int) -> None:
         self.stream_id = stream_id
-        self.head: asyncio.Future[ResponseHead] = asyncio.get_running_loop().create_future()
-        self.body: asyncio.Queue[bytes | None | StreamError] = asyncio.Queue()
-        self.window = asyncio.Event()
+        self._head: asyncio.Future[ResponseHead] | None = None  # made when first asked for (the agent never does)
+        self.body = _Chunks()
+        self._window: asyncio.Future[None] | None = None  # a sender waiting for credit
         self.error: StreamError | None = None
         self.ended = False  # the peer's END was read by the application
         self.outbound = 0  # request bytes handed to the tunnel
+
+    @property
+    def head(self) -> asyncio.Future[ResponseHead]:
+        if self._head is None:
+            self._head = asyncio.get_running_loop().create_future()
+        return self._head
+
+    def window_opened(self) -> None:
+        w = self._window
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def wait_window(self) -> None:
+        self._window = asyncio.get_running_loop().create_future()
+        try:
+            await self._window
+        finally:
+            self._window = None
 
     def fail(self, error: StreamError) -> None:
         if self.error is not None:
             return
         self.error = error
-        if not self.head.done():
-            self.head.set_exception(error)
-            self.head.exception()  # mark retrieved: nobody may await it
+        head = self.head
+        if not head.done():
+            head.set_exception(error)
+            head.exception()  # mark retrieved: nobody may await it
         self.body.put_nowait(error)
-        self.window.set()
+        self.window_opened()
+
+    def read_nowait(self) -> bytes | None | StreamError | bool:
+        """The next item if one is there (False if none): the fast path of `read`."""
+        if self.ended:
+            return None
+        items = self.body.items
+        if not items:
+            return False
+        item = items[0]
+        if isinstance(item, StreamError):
+            raise item  # left in place: later readers see it too
+        items.popleft()
+        if item is None:
+            self.ended = True
+        return item
 
     async def read(self) -> bytes | None:
         """The next body chunk, or None at the end. Raises StreamError."""
@@ -67,7 +135,7 @@ class StreamChannel:
             return None
         item = await self.body.get()
         if isinstance(item, StreamError):
-            self.body.put_nowait(item)  # later readers see it too
+            self.body.items.appendleft(item)  # later readers see it too
             raise item
         if item is None:
             self.ended = True
@@ -181,16 +249,16 @@ class TunnelIO:
                 ch.body.put_nowait(None)
         elif isinstance(ev, ResponseReceived):
             ch = self.channels.get(ev.stream_id)
-            if ch is not None and not ch.head.done():
-                ch.head.set_result(ev.head)
+            if ch is not None and not (head := ch.head).done():
+                head.set_result(ev.head)
                 if ev.end_stream:
                     ch.body.put_nowait(None)
         elif isinstance(ev, WindowUpdated):
             if ev.stream_id == 0:
                 for c in self.channels.values():
-                    c.window.set()
+                    c.window_opened()
             elif (ch := self.channels.get(ev.stream_id)) is not None:
-                ch.window.set()
+                ch.window_opened()
         elif isinstance(ev, StreamReset):
             ch = self.channels.pop(ev.stream_id, None)
             if ch is not None:
@@ -211,21 +279,23 @@ class TunnelIO:
         self.channels[stream_id] = ch
         return ch
 
-    async def send_body(self, ch: StreamChannel, data: bytes, end_stream: bool = False) -> None:
-        """Send body bytes, waiting for credit as needed."""
-        view = memoryview(data)
+    async def send_body(self, ch: StreamChannel, data: bytes | memoryview, end_stream: bool = False) -> None:
+        """Send body bytes, waiting for credit as needed. The bytes are not
+        copied here: the frames hold views of `data` until they are sent."""
         pos, n = 0, len(data)
+        conn = self.conn
         while True:
             if ch.error is not None:
                 raise ch.error
-            if not self.conn.can_send_body(ch.stream_id):
+            if not conn.can_send_body(ch.stream_id):
                 raise StreamError("stream closed", ErrorCode.CANCEL)
-            room = self.conn.send_window(ch.stream_id)
+            room = conn.send_window(ch.stream_id)
             take = min(room, n - pos)
             if take > 0 or (pos == n and end_stream):
                 last = pos + take == n
+                piece = data if take == n else memoryview(data)[pos : pos + take]
                 try:
-                    self.conn.send_data(ch.stream_id, bytes(view[pos : pos + take]), end_stream and last)
+                    conn.send_data(ch.stream_id, piece, end_stream and last)
                 except StreamClosedError as exc:
                     raise StreamError(str(exc)) from None
                 pos += take
@@ -236,9 +306,8 @@ class TunnelIO:
                     return
             elif pos == n:
                 return
-            ch.window.clear()
-            if self.conn.send_window(ch.stream_id) == 0:
-                await ch.window.wait()
+            if conn.send_window(ch.stream_id) == 0:
+                await ch.wait_window()
 
     def acknowledge(self, ch: StreamChannel, n: int) -> None:
         if n and not self.closed.is_set():
@@ -249,10 +318,14 @@ class TunnelIO:
         """A stream's body as it arrives. Each chunk's credit goes back to the
         peer only after the consumer has taken it (when the loop asks for the
         next): backpressure from whoever reads. `idle` bounds each wait
-        (TimeoutError)."""
+        (TimeoutError); chunks already there are taken without one."""
         while True:
-            async with asyncio.timeout(idle):
-                chunk = await ch.read()
+            item = ch.read_nowait()
+            if item is False:
+                async with asyncio.timeout(idle):
+                    chunk = await ch.read()
+            else:
+                chunk = item  # type: ignore[assignment]
             if chunk is None:
                 return
             yield chunk
@@ -262,12 +335,21 @@ class TunnelIO:
         """A stream's whole body; StreamError if it exceeds `limit` bytes."""
         parts: list[bytes] = []
         size = 0
-        async for chunk in self.chunks(ch, idle):
+        while True:
+            item = ch.read_nowait()
+            if item is False:
+                async with asyncio.timeout(idle):
+                    chunk = await ch.read()
+            else:
+                chunk = item  # type: ignore[assignment]
+            if chunk is None:
+                break
             size += len(chunk)
             if limit is not None and size > limit:
                 raise StreamError(f"body longer than its limit of {limit} bytes")
             parts.append(chunk)
-        return b"".join(parts)
+            self.acknowledge(ch, len(chunk))
+        return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
 
     def reset(self, stream_id: int, code: ErrorCode = ErrorCode.CANCEL, reason: str = "") -> None:
         ch = self.channels.pop(stream_id, None)

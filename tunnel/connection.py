@@ -35,6 +35,7 @@ from .events import (
 from .frames import (
     FLAG_ACK,
     FLAG_END_STREAM,
+    HEADER,
     MAX_WINDOW,
     Frame,
     FrameDecoder,
@@ -91,7 +92,7 @@ class Connection:
         self.hello: Hello | None = None
         self.welcome: Welcome | None = None
         self._decoder = FrameDecoder(self.local_settings.max_frame_size)
-        self._out: list[bytes] = []
+        self._out: list[bytes | memoryview] = []  # frames, a DATA payload apart from its header (no copy)
         self._streams: dict[int, _Stream] = {}
         self._highest_stream_id = 0
         self._next_stream_id = 1
@@ -204,8 +205,10 @@ class Connection:
             raise UsageError("cannot answer a stream before its request head")
         self._send_head(stream_id, encode_response_head(head), end_stream)
 
-    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
-        """Send body bytes; `len(data)` must not exceed `send_window(stream_id)`."""
+    def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool = False) -> None:
+        """Send body bytes; `len(data)` must not exceed `send_window(stream_id)`.
+        The payload is not copied: the caller must not change `data` until
+        `data_to_send()` has been called."""
         s = self._live_stream(stream_id)
         if not s.head_sent:
             raise UsageError("send the head before the body")
@@ -215,13 +218,18 @@ class Connection:
         if n > s.send_window or n > self._conn_send_window:
             raise UsageError(f"{n} bytes exceed the send window ({self.send_window(stream_id)})")
         max_frame = self.peer_settings.max_frame_size
-        view = memoryview(data)
-        for start in range(0, n, max_frame):
-            chunk = bytes(view[start : start + max_frame])
-            last = start + max_frame >= n
-            self._emit(FrameType.DATA, stream_id, chunk, FLAG_END_STREAM if (end_stream and last) else 0)
-        if n == 0 and end_stream:
-            self._emit(FrameType.DATA, stream_id, b"", FLAG_END_STREAM)
+        end_flag = FLAG_END_STREAM if end_stream else 0
+        if n <= max_frame:
+            self._out.append(HEADER.pack(FrameType.DATA, end_flag, stream_id, n))
+            if n:
+                self._out.append(data)
+        else:
+            view = memoryview(data)
+            for start in range(0, n, max_frame):
+                chunk = view[start : start + max_frame]
+                last = start + max_frame >= n
+                self._out.append(HEADER.pack(FrameType.DATA, end_flag if last else 0, stream_id, len(chunk)))
+                self._out.append(chunk)
         s.send_window -= n
         self._conn_send_window -= n
         if end_stream:

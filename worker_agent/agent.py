@@ -18,6 +18,7 @@ from tunnel import (
 from . import websocket
 from .config import AgentConfig
 from .tunnel_client import TunnelClient, client_ssl_context
+from .upstream import UpstreamPool
 
 log = logging.getLogger("worker_agent")
 
@@ -45,7 +46,13 @@ class Agent:
         self.fatal: str | None = None  # set by `fail`
         self.upstream_healthy: bool | None = None
         self.upstream_detail = ""
-        self.http: aiohttp.ClientSession
+        self.http: aiohttp.ClientSession  # WebSockets and the health probe
+        # Plain requests: a lean keep-alive pool (aiohttp's general client was
+        # a quarter of the agent's CPU per request, docs/benchmarks.md).
+        try:
+            self.upstream = UpstreamPool(config.upstream.rstrip("/"))
+        except ValueError as exc:
+            raise StartupError(f"--upstream: {exc}") from None
 
     def admit(self, is_check: bool) -> bool:
         if self.stopping.is_set():
@@ -106,6 +113,7 @@ class Agent:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, prober, return_exceptions=True)
+            self.upstream.close()
         log.info("agent stopped")
 
     def stop(self) -> None:

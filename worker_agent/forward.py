@@ -9,8 +9,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-import aiohttp
-
 from httpcontract import problem
 from httpcontract.timing import entry as timing_entry
 from httpcontract.timing import merge as merge_server_timing
@@ -18,6 +16,8 @@ from httpcontract.timing import values as timing_values
 from relay.headers import end_to_end
 from relay.io import StreamChannel, TunnelIO
 from tunnel import ErrorCode, RequestHead, ResponseHead, StreamClosedError, StreamError
+
+from .upstream import Response, UpstreamError, UpstreamPool, UpstreamUnreachable
 
 log = logging.getLogger("worker_agent")
 
@@ -77,10 +77,10 @@ class Forwarding:
         self.head_sent = True
         self.io.flush()
 
-    async def answer(self, resp: aiohttp.ClientResponse) -> None:
+    async def answer(self, resp: Response) -> None:
         """The upstream's answer into the stream: read whole when small (so
         `agent` timing is complete), else streamed (timings to the head)."""
-        rheaders = [(k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in resp.raw_headers]
+        rheaders = resp.headers
         out = end_to_end(rheaders, RESPONSE_DROP)
         if resp.content_length is not None:
             out.append(("Content-Length", str(resp.content_length)))
@@ -94,7 +94,7 @@ class Forwarding:
             return
         out.append(("Server-Timing", self._timing(timing_values(rheaders))))
         self.send_head(resp.status, out)
-        async for chunk in resp.content.iter_any():
+        async for chunk in resp.chunks():
             await self.io.send_body(self.ch, chunk)
         await self.io.send_body(self.ch, b"", end_stream=True)
 
@@ -120,27 +120,32 @@ class Forwarding:
             pass
 
 
-async def forward(io: TunnelIO, ch: StreamChannel, head: RequestHead, end_stream: bool, http: aiohttp.ClientSession,
-                  upstream: str, buffer_limit: int, timeout: float) -> None:
-    """Run one request against the upstream and answer it on the stream."""
+async def forward(io: TunnelIO, ch: StreamChannel, head: RequestHead, end_stream: bool, upstream: UpstreamPool,
+                  buffer_limit: int, timeout: float) -> None:
+    """Run one request against the upstream and answer it on the stream.
+    `timeout` bounds the whole exchange, from the request to the last byte
+    of the answer taken from the upstream."""
     f = Forwarding(io, ch, head, buffer_limit)
+    resp: Response | None = None
     try:
-        headers, data, read_first = f.request_body(end_stream)
-        if read_first:
-            data = await io.read_all(ch)
-        f.t_up = time.monotonic()
-        async with http.request(head.method, upstream + head.target, headers=headers, data=data,
-                                allow_redirects=False, auto_decompress=False,
-                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with asyncio.timeout(timeout):
+            headers, data, read_first = f.request_body(end_stream)
+            if read_first:
+                data = await io.read_all(ch)
+            f.t_up = time.monotonic()
+            resp = await upstream.request(head.method, head.target, headers, data)
             await f.answer(resp)
         io.release(ch.stream_id)
     except (StreamError, StreamClosedError):
-        pass  # the edge cancelled: leaving the `async with` cancelled the upstream request
-    except aiohttp.ClientConnectorError as exc:
+        pass  # the edge cancelled: the finally below closes the upstream connection mid-answer
+    except UpstreamUnreachable as exc:
         # Nothing reached the upstream: the edge may retry on another worker.
         io.reset(ch.stream_id, ErrorCode.REFUSED_STREAM, f"upstream unreachable: {exc.os_error}")
-    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+    except (TimeoutError, UpstreamError, ValueError) as exc:
         await f.fail(exc)
     except asyncio.CancelledError:
         io.reset(ch.stream_id, ErrorCode.CANCEL, "agent shutting down")
         raise
+    finally:
+        if resp is not None:
+            resp.release()  # back to the pool after a whole answer, else the connection is closed

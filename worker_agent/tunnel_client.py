@@ -38,6 +38,7 @@ from . import __version__, websocket
 from .backoff import AuthFailures, Backoff
 from .config import AgentConfig
 from .forward import forward
+from .upstream import UpstreamPool
 
 log = logging.getLogger("worker_agent")
 
@@ -54,6 +55,7 @@ class AgentHost(Protocol):
     ssl_context: ssl.SSLContext
     stopping: asyncio.Event
     http: aiohttp.ClientSession
+    upstream: UpstreamPool
     upstream_healthy: bool | None
     upstream_detail: str
 
@@ -266,7 +268,11 @@ class TunnelClient:
             if self._welcome is not None and not self._welcome.done():
                 self._welcome.set_result(ev)
         elif isinstance(ev, RequestReceived):
-            is_check = any(n.lower() == "x-edge-health-check" for n, _ in ev.head.headers)
+            is_check = False
+            for n, _ in ev.head.headers:  # a plain loop: this runs on every request
+                if n.lower() == "x-edge-health-check":
+                    is_check = True
+                    break
             if not self.agent.admit(is_check):
                 io.reset(ev.stream_id, ErrorCode.REFUSED_STREAM, "worker at capacity or draining")
                 return
@@ -276,10 +282,9 @@ class TunnelClient:
                 ch.body.put_nowait(None)
             task = asyncio.create_task(self._serve(io, ch, ev))
             self._tasks[ev.stream_id] = task
-            task.add_done_callback(self._forget_task)
         elif isinstance(ev, StreamReset):
             # The edge gave up on it (client gone, timeout): cancel the upstream request.
-            running = self._tasks.get(ev.stream_id)
+            running = self._tasks.pop(ev.stream_id, None)
             if running is not None:
                 running.cancel()
             # Free the slot now: the edge considers it free already and may
@@ -297,12 +302,13 @@ class TunnelClient:
                 await websocket.serve(io, ch, ev.head, self.agent.http, cfg.upstream.rstrip("/"), cfg.ws_max_message,
                                       cfg.upstream_timeout)
             else:
-                await forward(io, ch, ev.head, ev.end_stream, self.agent.http, cfg.upstream.rstrip("/"),
-                              cfg.buffer_response, cfg.upstream_timeout)
+                await forward(io, ch, ev.head, ev.end_stream, self.agent.upstream, cfg.buffer_response,
+                              cfg.upstream_timeout)
         except Exception:
             log.exception("stream %d failed", ch.stream_id)
             io.reset(ch.stream_id, ErrorCode.INTERNAL_ERROR, "agent error")
         finally:
+            self._tasks.pop(ch.stream_id, None)
             self._release_slot(ch.stream_id)
             if self._edge_draining and not io.channels and self.ws is not None:
                 await io.drain_output()  # the last response must leave before the close
@@ -312,11 +318,6 @@ class TunnelClient:
         is_check = self._slots.pop(stream_id, None)
         if is_check is not None:
             self.agent.done(is_check)
-
-    def _forget_task(self, task: asyncio.Task[None]) -> None:
-        for sid, t in list(self._tasks.items()):
-            if t is task:
-                del self._tasks[sid]
 
     def _on_dead(self, reason: str) -> None:
         log.warning("tunnel %s: %s; dropping it", self.name, reason)

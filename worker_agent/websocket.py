@@ -32,9 +32,12 @@ OPEN: set[WsRelay] = set()
 
 
 def wants_upgrade(head: RequestHead) -> bool:
-    return head.method == "GET" and any(
-        n.lower() == "upgrade" and "websocket" in v.lower() for n, v in head.headers
-    )
+    if head.method != "GET":
+        return False
+    for n, v in head.headers:  # a plain loop: this runs on every request
+        if n.lower() == "upgrade" and "websocket" in v.lower():
+            return True
+    return False
 
 
 def _protocols(head: RequestHead) -> list[str]:

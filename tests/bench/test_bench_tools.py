@@ -3,6 +3,7 @@ run end to end and print their tables. Their figures are never asserted."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -55,3 +56,14 @@ def test_fuzz_reports_any_other_exception_with_a_reproducer(monkeypatch: pytest.
     out = capsys.readouterr().out
     assert "FAILURE on input" in out and "IndexError: planted" in out
     assert "reproducer (" in out and "replay: python bench/fuzz_tunnel.py --seed 1 --replay " in out
+
+
+def test_short_dataplane_run_prints_the_issue_table():
+    r = run_tool("bench/dataplane.py", "--rounds", "1", "--requests", "40", "--seconds", "0.5", "--no-nginx")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    if shutil.which("wrk") is None:
+        assert "skipped, `wrk` is not installed" in r.stdout
+        pytest.skip("wrk is not installed: the bench says so in one line and exits 0")
+    for row in ("| direct (absolute) |", "| relay |", "GET +p50", "1 MB ratio", "CPU/1 MB",
+                "edge CPU per GET", "CPU per 1 MB", "errors: none"):
+        assert row in r.stdout, f"missing {row!r}:\n{r.stdout}"
