@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-EXTRAS ?= test,dev,tensorflow,onnxruntime
+EXTRAS ?= test,dev,tensorflow,onnxruntime,mlperf
 
 .PHONY: venv weights test demo lint typecheck bench clean
 
