@@ -13,8 +13,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from runtime import settings
 from runtime.cli import StartupError, run_main, setup_logging
@@ -159,26 +160,15 @@ def _kinds_text(config: ServerConfig, plan: ModelPlan, vision: VisionPlans) -> l
 
 
 def _classify(a: argparse.Namespace, m: ModelSettings) -> int:
-    from .imaging import BadImage, prepare
+    from .imaging import prepare
     from .threads import thread_plan, usable_cores
     threads = thread_plan(usable_cores(), m.threads)
     plan = _plan(m)
     t0 = time.perf_counter()
     clf = plan.load(threads)
     print(f"# {clf.model} on {clf.backend}, loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    failed = 0
-    for i, name in enumerate(a.images):
-        try:
-            data = Path(name).read_bytes()
-            prep = prepare(data, clf.preprocess)
-        except OSError as exc:
-            print(f"{name}: cannot read: {exc.strerror}", file=sys.stderr)
-            failed += 1
-            continue
-        except BadImage as exc:
-            print(f"{name}: {exc.reason}", file=sys.stderr)
-            failed += 1
-            continue
+    images = Prepared(a.images, lambda data: prepare(data, clf.preprocess))
+    for i, name, _, prep in images:
         t = time.perf_counter()
         probs = clf.predict(prep.array[None])[0]
         infer = time.perf_counter() - t
@@ -194,18 +184,33 @@ def _classify(a: argparse.Namespace, m: ModelSettings) -> int:
             labels = "  ".join(f"{clf.label(j)} {probs[j]:.3f}" for j in top)
             print(f"{name}: {labels}  (decode {timing['decode_ms']} ms, preprocess {timing['preprocess_ms']} ms, "
                   f"infer {timing['infer_ms']} ms{', first run' if i == 0 else ''})")
-    return 1 if failed else 0
+    return 1 if images.failed else 0
 
 
-def _images(names: list[str]) -> list[tuple[str, bytes | None]]:
-    out: list[tuple[str, bytes | None]] = []
-    for name in names:
-        try:
-            out.append((name, Path(name).read_bytes()))
-        except OSError as exc:
-            print(f"{name}: cannot read: {exc.strerror}", file=sys.stderr)
-            out.append((name, None))
-    return out
+class Prepared:
+    """The local modes' images, read and prepared one by one: a file that
+    cannot be read or is not an image is one line on standard error and
+    counts in `failed`; the others come out as (index, name, bytes, prepared)."""
+
+    def __init__(self, names: list[str], prepare: Callable[[bytes], Any]) -> None:
+        self.names, self.prepare = names, prepare
+        self.failed = 0
+
+    def __iter__(self) -> Iterator[tuple[int, str, bytes, Any]]:
+        from .imaging import BadImage
+        for i, name in enumerate(self.names):
+            try:
+                data = Path(name).read_bytes()
+                prep = self.prepare(data)
+            except OSError as exc:
+                print(f"{name}: cannot read: {exc.strerror}", file=sys.stderr)
+                self.failed += 1
+                continue
+            except BadImage as exc:
+                print(f"{name}: {exc.reason}", file=sys.stderr)
+                self.failed += 1
+                continue
+            yield i, name, data, prep
 
 
 def _out_dir(out: str | None) -> Path | None:
@@ -223,7 +228,7 @@ def _detect(a: argparse.Namespace, m: ModelSettings) -> int:
     from PIL import Image
 
     from .detectors import draw_boxes
-    from .imaging import BadImage
+    from .imaging import DEFAULT_MAX_PIXELS
     from .threads import thread_plan, usable_cores
     threads = thread_plan(usable_cores(), m.threads)
     plan = _vision(m, ["detect"]).detector
@@ -235,17 +240,8 @@ def _detect(a: argparse.Namespace, m: ModelSettings) -> int:
     t0 = time.perf_counter()
     det = plan.load(threads.intra_op)
     print(f"# {det.model} on {det.backend}, loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    failed = 0
-    for i, (name, data) in enumerate(_images(a.images)):
-        if data is None:
-            failed += 1
-            continue
-        try:
-            prep = det.prepare(data, 40_000_000)
-        except BadImage as exc:
-            print(f"{name}: {exc.reason}", file=sys.stderr)
-            failed += 1
-            continue
+    images = Prepared(a.images, lambda data: det.prepare(data, DEFAULT_MAX_PIXELS))
+    for i, name, data, prep in images:
         t = time.perf_counter()
         row = det.predict(prep.array[None])[0]
         infer = time.perf_counter() - t
@@ -268,11 +264,11 @@ def _detect(a: argparse.Namespace, m: ModelSettings) -> int:
                               for d in found) or "nothing above the threshold"
             print(f"{name}: {boxes}  (infer {timing['infer_ms']} ms{', first run' if i == 0 else ''})"
                   + (f" -> {written}" if written else ""))
-    return 1 if failed else 0
+    return 1 if images.failed else 0
 
 
 def _transform(a: argparse.Namespace, m: ModelSettings) -> int:
-    from .imaging import BadImage
+    from .imaging import DEFAULT_MAX_PIXELS
     from .segmenter import composite, coverage, encode, full_mask, parse_color
     from .threads import thread_plan, usable_cores
     threads = thread_plan(usable_cores(), m.threads)
@@ -287,17 +283,8 @@ def _transform(a: argparse.Namespace, m: ModelSettings) -> int:
     t0 = time.perf_counter()
     seg = plan.load(threads.intra_op)
     print(f"# {seg.model} on {seg.backend}, loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    failed = 0
-    for i, (name, data) in enumerate(_images(a.images)):
-        if data is None:
-            failed += 1
-            continue
-        try:
-            prep = seg.prepare(data, 40_000_000)
-        except BadImage as exc:
-            print(f"{name}: {exc.reason}", file=sys.stderr)
-            failed += 1
-            continue
+    images = Prepared(a.images, lambda data: seg.prepare(data, DEFAULT_MAX_PIXELS))
+    for i, name, _, prep in images:
         t = time.perf_counter()
         mask_row = seg.predict(prep.array[None])[0]
         infer = time.perf_counter() - t
@@ -322,7 +309,7 @@ def _transform(a: argparse.Namespace, m: ModelSettings) -> int:
             print(f"{name}: person covers {coverage(mask):.1%} (infer {timing['infer_ms']} ms, compose "
                   f"{timing['postprocess_ms']} ms, encode {timing['encode_ms']} ms)"
                   + (f" -> {written}" if written else ""))
-    return 1 if failed else 0
+    return 1 if images.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:

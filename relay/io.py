@@ -314,20 +314,21 @@ class TunnelIO:
             self.conn.acknowledge_received(ch.stream_id, n)
             self.flush()
 
+    async def _next(self, ch: StreamChannel, idle: float | None) -> bytes | None:
+        """The stream's next chunk (None at its end): one already there is
+        taken without a timer (the common case under load), else a wait
+        bounded by `idle` (TimeoutError)."""
+        item = ch.read_nowait()
+        if item is not False:
+            return item  # type: ignore[return-value]
+        async with asyncio.timeout(idle):
+            return await ch.read()
+
     async def chunks(self, ch: StreamChannel, idle: float | None = None) -> AsyncIterator[bytes]:
         """A stream's body as it arrives. Each chunk's credit goes back to the
         peer only after the consumer has taken it (when the loop asks for the
-        next): backpressure from whoever reads. `idle` bounds each wait
-        (TimeoutError); chunks already there are taken without one."""
-        while True:
-            item = ch.read_nowait()
-            if item is False:
-                async with asyncio.timeout(idle):
-                    chunk = await ch.read()
-            else:
-                chunk = item  # type: ignore[assignment]
-            if chunk is None:
-                return
+        next): backpressure from whoever reads."""
+        while (chunk := await self._next(ch, idle)) is not None:
             yield chunk
             self.acknowledge(ch, len(chunk))
 
@@ -335,20 +336,13 @@ class TunnelIO:
         """A stream's whole body; StreamError if it exceeds `limit` bytes."""
         parts: list[bytes] = []
         size = 0
-        while True:
-            item = ch.read_nowait()
-            if item is False:
-                async with asyncio.timeout(idle):
-                    chunk = await ch.read()
-            else:
-                chunk = item  # type: ignore[assignment]
-            if chunk is None:
-                break
+        while (chunk := await self._next(ch, idle)) is not None:
             size += len(chunk)
             if limit is not None and size > limit:
                 raise StreamError(f"body longer than its limit of {limit} bytes")
             parts.append(chunk)
             self.acknowledge(ch, len(chunk))
+        # One chunk that is already bytes needs no copy.
         return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
 
     def reset(self, stream_id: int, code: ErrorCode = ErrorCode.CANCEL, reason: str = "") -> None:
