@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from .answers import error, server_timing
-from .batcher import Batcher, QueueFull
+from .batcher import Batcher, BatchResult, QueueFull
 from .imaging import BadImage
 from .segmenter import (
     DEFAULT_COLOR,
@@ -55,15 +55,28 @@ def _not_served(kind: str, rid: str | None) -> web.Response:
                  code="kind_not_served", request_id=rid)
 
 
-async def _read_prepared(request: web.Request, st: State, kind: str, model: Any, batcher: Batcher | None) -> Any:
-    """The request's image decoded and prepared for `model`, or an error response."""
+async def _run(request: web.Request, st: State, kind: str, model: Any,
+               batcher: Batcher | None) -> tuple[Any, BatchResult] | web.Response:
+    """The request's image read, prepared for `model` on the decode pool and
+    run through the kind's batcher: (prepared, result), or the error answer
+    (bad image, still loading, busy), counted under the kind."""
     rid = request.get("request_id")
-    data = await read_image(request, st.config.max_body_bytes)
-    if model is None or batcher is None:
-        st.metrics.kind_requests.labels(kind, "503").inc()
-        return error(503, "model is still loading; retry shortly", {"Retry-After": "1"}, request_id=rid)
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(st.decode_pool, model.prepare, data, st.config.max_pixels)
+    count = st.metrics.kind_requests.labels
+    try:
+        data = await read_image(request, st.config.max_body_bytes)
+        if model is None or batcher is None:
+            count(kind, "503").inc()
+            return error(503, "model is still loading; retry shortly", {"Retry-After": "1"}, request_id=rid)
+        loop = asyncio.get_running_loop()
+        prep = await loop.run_in_executor(st.decode_pool, model.prepare, data, st.config.max_pixels)
+    except BadImage as exc:
+        count(kind, str(exc.status)).inc()
+        return error(exc.status, exc.reason, request_id=rid)
+    try:
+        return prep, await batcher.submit(prep.array)
+    except QueueFull as exc:
+        count(kind, "503").inc()
+        return error(503, f"server busy: {exc}; retry shortly", {"Retry-After": "1"}, request_id=rid)
 
 
 async def detect(request: web.Request) -> web.StreamResponse:
@@ -80,19 +93,11 @@ async def detect(request: web.Request) -> web.StreamResponse:
     except BadQuery as exc:
         m.labels("detect", "400").inc()
         return error(400, str(exc), code="bad_query", request_id=rid)
-    try:
-        prep = await _read_prepared(request, st, "detect", det, batcher)
-    except BadImage as exc:
-        m.labels("detect", str(exc.status)).inc()
-        return error(exc.status, exc.reason, request_id=rid)
-    if isinstance(prep, web.Response):
-        return prep
-    assert det is not None and batcher is not None
-    try:
-        res = await batcher.submit(prep.array)
-    except QueueFull as exc:
-        m.labels("detect", "503").inc()
-        return error(503, f"server busy: {exc}; retry shortly", {"Retry-After": "1"}, request_id=rid)
+    ran = await _run(request, st, "detect", det, batcher)
+    if isinstance(ran, web.Response):
+        return ran
+    prep, res = ran
+    assert det is not None
     t_post = time.perf_counter()
     found = det.decode(res.probs, prep.geometry, min_score, max_out)
     resp = web.json_response({"detections": found, "model": det.model, "backend": det.backend,
@@ -141,19 +146,11 @@ async def transform(request: web.Request) -> web.StreamResponse:
         offered = "image/png" if mode == "cutout" else "image/jpeg or image/png"
         return error(406, f"the answer is an image ({offered}{' with alpha' if mode == 'cutout' else ''}); "
                           "accept it in the Accept header", code="not_acceptable", request_id=rid)
-    try:
-        prep = await _read_prepared(request, st, "transform", seg, batcher)
-    except BadImage as exc:
-        m.labels("transform", str(exc.status)).inc()
-        return error(exc.status, exc.reason, request_id=rid)
-    if isinstance(prep, web.Response):
-        return prep
-    assert seg is not None and batcher is not None
-    try:
-        res = await batcher.submit(prep.array)
-    except QueueFull as exc:
-        m.labels("transform", "503").inc()
-        return error(503, f"server busy: {exc}; retry shortly", {"Retry-After": "1"}, request_id=rid)
+    ran = await _run(request, st, "transform", seg, batcher)
+    if isinstance(ran, web.Response):
+        return ran
+    prep, res = ran
+    assert seg is not None
     loop = asyncio.get_running_loop()
     data, covered, post_s, encode_s = await loop.run_in_executor(
         st.decode_pool, finish_transform, prep.image, res.probs, mode, color, fmt)
