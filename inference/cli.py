@@ -164,9 +164,7 @@ def _classify(a: argparse.Namespace, m: ModelSettings) -> int:
     from .threads import thread_plan, usable_cores
     threads = thread_plan(usable_cores(), m.threads)
     plan = _plan(m)
-    t0 = time.perf_counter()
-    clf = plan.load(threads)
-    print(f"# {clf.model} on {clf.backend}, loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    clf = _loaded(plan, threads)
     images = Prepared(a.images, lambda data: prepare(data, clf.preprocess))
     for i, name, _, prep in images:
         t = time.perf_counter()
@@ -185,6 +183,14 @@ def _classify(a: argparse.Namespace, m: ModelSettings) -> int:
             print(f"{name}: {labels}  (decode {timing['decode_ms']} ms, preprocess {timing['preprocess_ms']} ms, "
                   f"infer {timing['infer_ms']} ms{', first run' if i == 0 else ''})")
     return 1 if images.failed else 0
+
+
+def _loaded(plan: Any, threads: Any) -> Any:
+    """A local mode's model, loaded, with one line on standard error saying how long it took."""
+    t0 = time.perf_counter()
+    model = plan.load(threads)
+    print(f"# {model.model} on {model.backend}, loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return model
 
 
 class Prepared:
@@ -237,9 +243,7 @@ def _detect(a: argparse.Namespace, m: ModelSettings) -> int:
         raise StartupError(f"--min-score must be from 0 to 1, got {a.min_score}")
     min_score = plan.spec.min_score if a.min_score is None else a.min_score
     out_dir = _out_dir(a.out)
-    t0 = time.perf_counter()
-    det = plan.load(threads.intra_op)
-    print(f"# {det.model} on {det.backend}, loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    det = _loaded(plan, threads.intra_op)
     images = Prepared(a.images, lambda data: det.prepare(data, DEFAULT_MAX_PIXELS))
     for i, name, data, prep in images:
         t = time.perf_counter()
@@ -280,9 +284,7 @@ def _transform(a: argparse.Namespace, m: ModelSettings) -> int:
         raise StartupError(f"--color: {exc}") from None
     out_dir = _out_dir(a.out)
     fmt = "png" if a.mode == "cutout" else "jpeg"
-    t0 = time.perf_counter()
-    seg = plan.load(threads.intra_op)
-    print(f"# {seg.model} on {seg.backend}, loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    seg = _loaded(plan, threads.intra_op)
     images = Prepared(a.images, lambda data: seg.prepare(data, DEFAULT_MAX_PIXELS))
     for i, name, _, prep in images:
         t = time.perf_counter()
