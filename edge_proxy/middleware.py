@@ -57,9 +57,10 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
 @web.middleware
 async def client_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     route = request[ROUTE]
-    if route is Route.PROXY and is_public_page(request.method, resolve_pool(request)[1],
-                                               request.app[STATE].config.public_path) \
-            and not websocket_upgrade(request):
+    public = request.app[STATE].config.public_path
+    if (public and route is Route.PROXY  # resolve the pool only when some page is public
+            and is_public_page(request.method, resolve_pool(request)[1], public)
+            and not websocket_upgrade(request)):
         return await handler(request)  # --public-path: a page browsers open without a key (/live)
     if route in (Route.ADMIN, Route.PROXY):
         csrf = None

@@ -18,6 +18,16 @@ CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--use-fake-device-for-media-stream",
         "--use-fake-ui-for-media-stream", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
+# The page repaints its figures every 250 ms from liveStats, and the label on
+# each answer: wait until they show numbers, not for a fixed time.
+FIGURES_PAINTED = """["#p50", "#p99", "#jitter", "#afps"].every(
+    s => !isNaN(parseFloat(document.querySelector(s).textContent)))
+    && parseFloat(document.querySelector("#p50").textContent) > 0
+    && document.querySelector("#label").textContent !== '\u2014'"""
+
+
+async def figures_painted(page) -> None:  # type: ignore[no-untyped-def]
+    await page.wait_for_function(FIGURES_PAINTED, timeout=10_000)
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason=f"{CHROMIUM} missing: install the Debian package `chromium`")
@@ -50,7 +60,7 @@ async def test_live_page_streams_the_camera_and_shows_label_latency_and_jitter(s
             assert await page.evaluate("subprotocols('')") == ["inference.v1"]
             await page.click("#start")
             await page.wait_for_function("window.liveStats.answered >= 40", timeout=90_000)
-            await page.wait_for_timeout(600)  # let the figures repaint (every 250 ms)
+            await figures_painted(page)
             stats = await page.evaluate("({sent: liveStats.sent, answered: liveStats.answered, "
                                         "protocol: liveStats.protocol, jitter: liveStats.jitter})")
             assert stats["protocol"] == "inference.v1", stats
@@ -131,7 +141,7 @@ async def test_live_page_through_the_edge_authenticates_with_the_subprotocol_onl
                     edge.replace("https://", "wss://") + "/pools/vision/stream?drop=latest"
                 await page.click("#start")
                 await page.wait_for_function("window.liveStats.answered >= 30", timeout=90_000)
-                await page.wait_for_timeout(600)  # let the figures repaint (every 250 ms)
+                await figures_painted(page)
                 assert await page.evaluate("liveStats.protocol") == "inference.v1"
                 label = await page.text_content("#label")
                 assert label and label != "—"
@@ -223,7 +233,7 @@ async def test_live_page_draws_boxes_and_shows_transformed_frames(vision_server:
             await page.goto(f"{vision_server.url}/live#fps=15&{fragment}")
             await page.click("#start")
             await page.wait_for_function(check, timeout=90_000)
-            await page.wait_for_timeout(300)
+            await figures_painted(page)
             stats = await page.evaluate("({answered: liveStats.answered, errors: liveStats.errors, "
                                         "images: liveStats.images, boxes: liveStats.boxes, "
                                         "status: document.getElementById('status').textContent, "
