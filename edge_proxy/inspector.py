@@ -13,13 +13,15 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from aiohttp import web
+
 from httpcontract.timing import parse as parse_server_timing
 
 from .rolling import RateWindow, RollingStats, WindowStats
 
 # request[...] keys set by the handlers for the recorder
-WORKER = "edge_worker"  # the id of the worker that answered (proxy.py, websocket.py)
-KEY_NAME = "edge_key_name"  # the NAME of the client key (middleware.authenticate)
+WORKER: web.RequestKey[str] = web.RequestKey("edge_worker", str)  # the worker that answered (proxy.py, websocket.py)
+KEY_NAME: web.RequestKey[str] = web.RequestKey("edge_key_name", str)  # the NAME of the client key (middleware.authenticate)
 
 PATH_LIMIT = 256  # longer paths are cut (the record says so with a trailing "...")
 TIMING_LIMIT = 2048  # characters of Server-Timing kept (a worker could send any length)

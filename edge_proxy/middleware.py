@@ -28,9 +28,10 @@ from .websocket import subprotocol_key
 log = logging.getLogger("edge_proxy")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-REQUEST_ID = "request_id"  # request[...] keys set here for the handlers
-ROUTE = "route"
-NORMALIZED_PATH = "normalized_path"
+# request[...] keys set here for the handlers
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
+ROUTE: web.RequestKey[Route] = web.RequestKey("route", Route)
+NORMALIZED_PATH: web.RequestKey[str] = web.RequestKey("normalized_path", str)
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 SESSION = "browser_session"  # the BrowserSession of a signed-in browser, when that is how it authenticated
 

@@ -26,7 +26,7 @@ from .batcher import QueueFull
 from .config import ServerConfig
 from .imaging import BadImage, prepare
 from .models import ModelPlan
-from .state import STATE, State, VisionPlans
+from .state import REQUEST_ID, STATE, State, VisionPlans
 from .stream import close_streams, stream
 from .uploads import read_image
 from .vision_routes import detect, transform
@@ -38,7 +38,7 @@ log = logging.getLogger("inference")
 async def request_id_and_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     # Echoed only if it is a plain token (as the edge requires); anything else is replaced.
     rid = accept_request_id(request.headers.get(REQUEST_ID_HEADER))
-    request["request_id"] = rid
+    request[REQUEST_ID] = rid
     try:
         resp: web.StreamResponse = await handler(request)
     except web.HTTPException as exc:
@@ -87,7 +87,7 @@ async def photo(request: web.Request) -> web.Response:
     t0 = time.perf_counter()
     st = request.app[STATE]
     m = st.metrics
-    rid = request.get("request_id")
+    rid = request.get(REQUEST_ID)
     clf, batcher = st.classifier, st.batcher
     if not st.serves_classify:
         return error(404, "this server does not classify; start it with --kinds including classify (INFER_KINDS)",

@@ -171,3 +171,5 @@ class State:
 
 
 STATE: web.AppKey[State] = web.AppKey("state", State)
+# The request's id, set by server.request_id_and_errors for the handlers.
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)

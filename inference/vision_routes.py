@@ -25,7 +25,7 @@ from .segmenter import (
     full_mask,
     parse_color,
 )
-from .state import STATE, State
+from .state import REQUEST_ID, STATE, State
 from .uploads import read_image
 
 MAX_DETECTIONS = 100  # default of ?max=
@@ -60,7 +60,7 @@ async def _run(request: web.Request, st: State, kind: str, model: Any,
     """The request's image read, prepared for `model` on the decode pool and
     run through the kind's batcher: (prepared, result), or the error answer
     (bad image, still loading, busy), counted under the kind."""
-    rid = request.get("request_id")
+    rid = request.get(REQUEST_ID)
     count = st.metrics.kind_requests.labels
     try:
         data = await read_image(request, st.config.max_body_bytes)
@@ -82,7 +82,7 @@ async def _run(request: web.Request, st: State, kind: str, model: Any,
 async def detect(request: web.Request) -> web.StreamResponse:
     t0 = time.perf_counter()
     st = request.app[STATE]
-    rid = request.get("request_id")
+    rid = request.get(REQUEST_ID)
     if st.vision.detector is None:
         return _not_served("detect", rid)
     m = st.metrics.kind_requests
@@ -126,7 +126,7 @@ def finish_transform(image: Any, mask_row: Any, mode: str, color: tuple[int, int
 async def transform(request: web.Request) -> web.StreamResponse:
     t0 = time.perf_counter()
     st = request.app[STATE]
-    rid = request.get("request_id")
+    rid = request.get(REQUEST_ID)
     if st.vision.segmenter is None:
         return _not_served("transform", rid)
     m = st.metrics.kind_requests
