@@ -7,14 +7,16 @@ description of the machine. No load model and no statistics here."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import gc
 import json
 import mimetypes
 import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -272,3 +274,16 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return info
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Keep the collection of what the process held before a run out of the
+    run (`gc.freeze`): a full collection walks every object of the process,
+    150 ms and more when a host process holds TensorFlow, and it stalled the
+    pacer mid-run. Objects made during the run are still collected."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

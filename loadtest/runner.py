@@ -32,6 +32,7 @@ from .client import (
     _error_kind,
     _socket_factory,
     edge_tunnel_rtt,
+    frozen_heap,
     load_images,
     machine,
     problem_code,
@@ -196,10 +197,11 @@ class Run:
         self.session = self._session()
         self.wall_start = time.time()
         try:
-            if self.cfg.mode == "open":
-                await self._open_loop()
-            else:
-                await self._closed_loop()
+            with frozen_heap():
+                if self.cfg.mode == "open":
+                    await self._open_loop()
+                else:
+                    await self._closed_loop()
             if self.cfg.api_key and not self.stop.is_set():
                 self.tunnel_rtt_ms = await self._tunnel_rtt()
         finally:

@@ -27,6 +27,7 @@ from .client import (
     _detail,
     _error_kind,
     edge_tunnel_rtt,
+    frozen_heap,
     tls_context,
 )
 from .frames import jpeg_of_size, load_frames
@@ -183,9 +184,10 @@ class StreamRun:
             await asyncio.gather(*(self._connect(session, s) for s in self.streams))
             await self._refusal_detail(session)
             if any(s.ws is not None for s in self.streams) and not self.stop.is_set():
-                self.t0 = perf()
-                await asyncio.gather(*(self._stream(s) for s in self.streams if s.ws is not None))
-                self.span_s = perf() - self.t0
+                with frozen_heap():
+                    self.t0 = perf()
+                    await asyncio.gather(*(self._stream(s) for s in self.streams if s.ws is not None))
+                    self.span_s = perf() - self.t0
             self.interrupted = self.stop.is_set()
             for s in self.streams:
                 s.ledger.close()
