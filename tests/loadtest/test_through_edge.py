@@ -3,6 +3,7 @@ processes on loopback with a local PKI."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,18 @@ async def test_every_hop_of_the_edge_and_agent_is_reported(edge: tuple[System, s
     assert "app" not in h and "agent_overhead" not in h
     assert res["tunnel_rtt_ms"] and res["tunnel_rtt_ms"]["w1"] >= 0
     assert sum(v for _, v in res["breakdown_ms"]) == pytest.approx(res["latency_ms"]["mean"], rel=0.01)
+
+
+async def test_a_key_without_admin_rights_says_why_the_per_worker_rtt_is_missing(
+        edge: tuple[System, str], caplog: pytest.LogCaptureFixture):
+    s, url = edge
+    with caplog.at_level(logging.WARNING, logger="loadtest.client"):
+        res = await measure(url=url + "/", api_key=s.pki.plain_key, ca=str(s.pki.ca), concurrency=1, requests=10,
+                            warmup=0)
+    assert res["ok"] == 10, res["cause"]
+    assert res["tunnel_rtt_ms"] is None
+    assert any("per-worker tunnel RTT not read" in r.getMessage() and "admin" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 async def test_a_wrong_key_at_the_edge_is_a_401_with_the_edges_reason(edge: tuple[System, str]):
