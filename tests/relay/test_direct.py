@@ -17,8 +17,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import aiohttp
-
 from httpcontract.timing import parse as parse_timing
 from tests.harness import Proc, System, free_port, wait_for
 from tests.relay.test_overload import _hold_one_slot, metrics_text, total
