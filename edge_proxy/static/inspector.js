@@ -139,9 +139,12 @@ function layout(timing, total) {
   };
   place("edge", 0, 0, "edge");
   const lb = place("lb", 0, 1, "lb");
-  let parent = place("tunnel", lb ? lb.dur : 0, 1, "");
+  // A direct worker has no tunnel: the edge's own `upstream` (the VPN leg) takes its place.
+  let parent = place("tunnel", lb ? lb.dur : 0, 1, "") || place("upstream", lb ? lb.dur : 0, 1, "");
   for (const [outer, inner] of NESTED) {
-    if (!parent || parent.name !== outer || t[inner] === undefined) break;
+    if (!parent) break;
+    if (parent.name !== outer) continue;
+    if (t[inner] === undefined) break;
     parent = place(inner, parent.start + Math.max(0, parent.dur - t[inner]) / 2, parent.depth + 1, "");
   }
   let at = parent ? parent.start : 0;
