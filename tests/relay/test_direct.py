@@ -61,6 +61,10 @@ async def test_direct_worker_serves_get_post_large_bodies_and_streams_with_upstr
     async with http.get(edge + "/bytes/5000000", headers=system.auth()) as r:  # streamed, not buffered
         data = await r.read()
         assert r.status == 200 and data == bytes(i % 251 for i in range(5_000_000))
+    async with http.head(edge + "/bytes/1000", headers=system.auth()) as r:
+        assert r.status == 200 and r.headers["Content-Length"] == "1000" and await r.read() == b""
+    async with http.get(edge + "/pools/default/bytes/10", headers=system.auth()) as r:  # the pool prefix
+        assert r.status == 200 and len(await r.read()) == 10
     async with http.get(edge + "/sse", headers=system.auth()) as r:
         first = await asyncio.wait_for(r.content.readline(), 5)  # before the upstream finishes
         assert first.startswith(b"data:"), first
