@@ -63,6 +63,8 @@ class Worker:
     instance: str = ""  # the agent process's random identity ("" = an agent too old to send one)
     health_path: str = ""  # where the agent asked to be checked ("" = the edge's fallback)
     sessions: dict[str, TunnelSession] = field(default_factory=dict)  # tunnel index -> session
+    kind: str = "tunnel"  # or "direct": the edge dials `url` itself (direct.py)
+    url: str = ""  # a direct worker's http://HOST:PORT
     in_flight: int = 0
     served: int = 0
     errors: int = 0
@@ -121,6 +123,7 @@ class WorkerSnapshot:
     in_flight: int
     tunnels: int
     effective_capacity: int
+    kind: str = "tunnel"
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +229,7 @@ class Registry:
         now = self.clock()
         workers = tuple(
             WorkerSnapshot(w.agent_id, w.pool, w.health.state(now) if w.live_session() else "disconnected", w.rtt(),
-                           w.in_flight, len(w.sessions), w.limit.effective(now, w.capacity))
+                           w.in_flight, len(w.sessions), w.limit.effective(now, w.capacity), w.kind)
             for p in self.pools.values() for w in p.workers)
         return RegistrySnapshot(workers, {name: len(p.waiters) for name, p in self.pools.items()})
 
