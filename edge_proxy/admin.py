@@ -30,7 +30,7 @@ def health_detail(w: Worker, now: float) -> str:
     """Why the worker is not healthy ("" when it is), in one line."""
     h = w.health
     if w.live_session() is None:
-        return "no tunnel accepting requests"
+        return "no tunnel accepting requests" if w.kind == "tunnel" else "leaving (removed or replaced)"
     if h.is_ejected(now):
         return f"ejected for {h.ejected_until - now:.0f} s more after consecutive failed requests"
     if not h.agent_healthy:
@@ -42,9 +42,9 @@ def health_detail(w: Worker, now: float) -> str:
 
 def worker_info(w: Worker, now: float, fallback_health_path: str = "/healthz") -> dict[str, object]:
     rtt = w.rtt()
-    return {
+    common: dict[str, object] = {
         "id": w.agent_id,
-        "instance": w.instance,
+        "kind": w.kind,
         "pool": w.pool,
         "capacity": w.capacity,
         # What shedding left of the capacity (overload.AdaptiveLimit); == capacity when not shedding.
@@ -57,17 +57,17 @@ def worker_info(w: Worker, now: float, fallback_health_path: str = "/healthz") -
         "health_detail": health_detail(w, now),
         "health_path": w.health_path or fallback_health_path,
         "available": w.available(now),
-        "agent_report": {"healthy": w.health.agent_healthy, "detail": w.health.agent_detail},
         "last_check_error": w.health.last_check_error,
         "ejections": w.health.times_ejected,
         "ejections_capped": w.health.ejections_capped,
         "ewma_latency_ms": round(w.ewma_latency * 1000, 3),
-        "tunnel_rtt_ms": None if rtt is None else round(rtt * 1000, 3),
-        "tunnels": sorted(w.sessions),
-        "software": w.software,
-        "labels": w.labels,
         "connected_for_s": round(time.time() - w.connected_at, 1),
     }
+    if w.kind == "direct":  # the edge dials it: its URL, and nothing of a tunnel
+        return {**common, "url": w.url}
+    return {**common, "agent_report": {"healthy": w.health.agent_healthy, "detail": w.health.agent_detail},
+            "instance": w.instance, "tunnel_rtt_ms": None if rtt is None else round(rtt * 1000, 3),
+            "tunnels": sorted(w.sessions), "software": w.software, "labels": w.labels}
 
 
 def admin_page(state: EdgeState, norm: str) -> web.Response:

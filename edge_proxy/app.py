@@ -15,7 +15,7 @@ from aiohttp import web
 
 from runtime import allocator
 
-from . import admin, heads, inspector_pages, proxy, websocket
+from . import admin, direct, heads, inspector_pages, proxy, websocket
 from .auth import CredentialStore
 from .browser_session import SessionSigner
 from .config import EdgeConfig
@@ -150,6 +150,7 @@ def make_app(config: EdgeConfig, client_keys: CredentialStore, worker_tokens: Cr
     app.router.add_route("*", "/{tail:.*}", route)
     app.on_shutdown.append(_on_shutdown)
     app.cleanup_ctx.append(_heap_trimming)
+    app.cleanup_ctx.append(direct.lifecycle)
     return app
 
 

@@ -18,9 +18,10 @@ from runtime import allocator, settings
 from runtime import eventloop as loop
 from runtime.cli import StartupError, run_main, setup_logging
 
-from . import auth, certs, vpn
+from . import auth, certs, direct_spec, vpn
 from .app import drain, make_app
 from .config import EdgeConfig
+from .direct import DIRECTS
 
 log = logging.getLogger("edge_proxy")
 ENV_PREFIX = "EDGE"
@@ -107,6 +108,10 @@ async def serve(cfg: EdgeConfig) -> None:
     if not cfg.client_keys or not cfg.worker_tokens:
         raise StartupError("--client-keys and --worker-tokens are required; create them with "
                          "`edge-proxy keys create` and `edge-proxy tokens create`")
+    try:
+        direct_spec.load(cfg.direct, cfg.directs)  # a bad declaration stops the start, not a reload later
+    except direct_spec.DirectSpecError as exc:
+        raise StartupError(str(exc)) from None
     keys = auth.CredentialStore.load(cfg.client_keys)
     tokens = auth.CredentialStore.load(cfg.worker_tokens)
     ctx = None if cfg.insecure_http else server_ssl_context(cfg)
@@ -138,6 +143,7 @@ async def serve(cfg: EdgeConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, app[DIRECTS].reload)
     await stop.wait()
     log.info("shutting down: draining for up to %.0f s", cfg.grace)
     await site.stop()  # no new connections
@@ -201,8 +207,8 @@ def _vpn(args: argparse.Namespace) -> int:
     for w in new:
         print(f"wrote {vpn.worker_file(directory, w.name)} ({w.name}, {w.address}): copy it to that worker only",
               file=sys.stderr)
-    print("direct workers for the edge (`serve --direct` is not built yet, see docs/vpn.md; until then reach "
-          "them through the WSS tunnel or by these addresses yourself):", file=sys.stderr)
+    print("direct workers for the edge: pass these to `edge-proxy serve`, or put them in its --directs file "
+          "(docs/vpn.md):", file=sys.stderr)
     for w in new:
         print(vpn.direct_line(w, args.pool, args.worker_port))
     return 0

@@ -12,6 +12,7 @@ from runtime.settings import option, validated
 from tunnel import PeerSettings
 from tunnel.handshake import HEALTH_PATH_RULE, is_valid_health_path
 
+from .direct_spec import SYNTAX, DirectSpec, parse_direct
 from .health import HealthPolicy
 from .overload import LimitPolicy
 
@@ -51,6 +52,7 @@ TUNNELS = "Tunnels and health"
 CLIENTS = "Client rate limits"
 PROCESS = "Process"
 INSPECTOR = "The inspector (/_edge/)"
+DIRECT = "Direct workers (over a VPN)"
 
 
 @dataclass(slots=True)
@@ -98,6 +100,19 @@ class EdgeConfig:
     health_path: str = option("/healthz", group=TUNNELS, parse=validated(is_valid_health_path, HEALTH_PATH_RULE),
                               help="path of the active checks for agents that declare none in their HELLO (older "
                                    "agents); an agent's own --health-path always wins")
+    # Direct workers (docs/operations.md, "Direct workers")
+    direct: list[DirectSpec] = option(default_factory=list, flag="--direct", repeat=True, separator=";",
+                                      parse=parse_direct, group=DIRECT, metavar=SYNTAX,
+                                      help="a worker the edge dials itself over plain HTTP, typically at its VPN "
+                                           "address (edge-proxy vpn init prints these); it joins POOL beside tunnel "
+                                           "workers. Default capacity 4, health path --health-path, id "
+                                           "direct-HOST:PORT. Repeatable; the variable separates them with ';'")
+    directs: str | None = option(None, group=DIRECT, metavar="FILE",
+                                 help="a file of direct workers, one POOL=URL[,...] per line, '#' comments; "
+                                      "re-read on SIGHUP (added ones join, removed ones drain and leave)")
+    direct_connect_timeout: float = option(2.0, group=DIRECT, parse=parse_positive_seconds,
+                                           help="seconds the edge may take to connect to a direct worker; then "
+                                                "the request is tried on another worker")
     # Rate limits (per client key); 0 disables
     rate_limit: float = option(1000.0, group=CLIENTS, help="requests/s per client key, 0 = off")
     rate_burst: float = option(2000.0, group=CLIENTS, help="burst size per client key")

@@ -8,7 +8,6 @@ heads.py; the body's upload is upload.py."""
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
 from dataclasses import dataclass
@@ -23,9 +22,12 @@ from relay.headers import end_to_end
 from relay.io import StreamChannel, TunnelIO
 from tunnel import ErrorCode, RequestHead, ResponseHead, StreamError
 
+from . import direct_http
+from .direct import DirectSession
 from .errors import EdgeError, error_response
 from .heads import RESPONSE_DROP, request_head, undecodable_header
 from .inspector import WORKER
+from .outcome import IDEMPOTENT, NO_BODY_STATUSES, Outcome, RetryElsewhere
 from .overload import is_load_signal
 from .registry import NoWorkerAvailable
 from .session import EdgeSession, HeadTooLarge
@@ -36,22 +38,6 @@ if TYPE_CHECKING:
     from .state import EdgeState
 
 log = logging.getLogger(__name__)
-
-NO_BODY_STATUSES = {204, 304}
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-
-
-class RetryElsewhere(Exception):
-    """The worker never processed the request: safe to try another."""
-
-
-class Outcome(enum.Enum):
-    """What one attempt says about the worker, for outlier detection and the
-    adaptive limit; None where it says nothing (the client's fault)."""
-
-    OK = "ok"
-    FAILED = "failed"  # 5xx, timeout, broken response: counts towards ejection
-    SHED = "shed"  # 503 + Retry-After or 429: busy, not broken (overload.is_load_signal)
 
 
 def check_pool(state: EdgeState, pool_name: str) -> None:
@@ -115,10 +101,14 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
         outcome: Outcome | None = None
         latency: float | None = None
         try:
-            if not isinstance(session, EdgeSession):  # None: its last tunnel just closed
+            if isinstance(session, EdgeSession):
+                resp, outcome, latency = await _exchange(state, request, request_id, session, head, has_body, body,
+                                                         lb, started)
+            elif isinstance(session, DirectSession):
+                resp, outcome, latency = await direct_http.exchange(state, request, request_id, session, head,
+                                                                    has_body, body, lb, started)
+            else:  # None: its last tunnel just closed
                 raise RetryElsewhere()
-            resp, outcome, latency = await _exchange(state, request, request_id, session, head, has_body, body, lb,
-                                                     started)
             if outcome is Outcome.SHED:
                 # The upstream declared the request unprocessed: try once on
                 # another worker with room now, if the body can be sent again.

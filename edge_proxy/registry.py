@@ -63,6 +63,8 @@ class Worker:
     instance: str = ""  # the agent process's random identity ("" = an agent too old to send one)
     health_path: str = ""  # where the agent asked to be checked ("" = the edge's fallback)
     sessions: dict[str, TunnelSession] = field(default_factory=dict)  # tunnel index -> session
+    kind: str = "tunnel"  # or "direct": the edge dials `url` itself (direct.py)
+    url: str = ""  # a direct worker's http://HOST:PORT
     in_flight: int = 0
     served: int = 0
     errors: int = 0

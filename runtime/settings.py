@@ -63,7 +63,8 @@ class Option:
     - `parse`: text -> value, for types that are not int/float/str/bool.
     - `show`: text -> the default as written in env files and docs.
     - `choices`: allowed values (checked for flag and environment alike).
-    - `repeat`: a list: the flag repeats, the variable is comma-separated.
+    - `repeat`: a list: the flag repeats, the variable is `separator`-separated
+      (a comma unless the values hold commas themselves).
     - `group`: heading under which env files and docs list it.
     """
 
@@ -74,6 +75,7 @@ class Option:
     show: Callable[[Any], str] | None = None
     choices: Sequence[str] | None = None
     repeat: bool = False
+    separator: str = ","
     metavar: str | None = None
     group: str = ""
     secret: bool = False
@@ -119,7 +121,7 @@ class Declared:
 
     def convert(self, text: str) -> Any:
         if self.option.repeat:
-            return [self._one(x.strip()) for x in text.split(",") if x.strip()]
+            return [self._one(x.strip()) for x in text.split(self.option.separator) if x.strip()]
         return self._one(text)
 
     def _one(self, text: str) -> Any:
