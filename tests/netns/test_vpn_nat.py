@@ -13,6 +13,7 @@ reaches the worker's server only through the tunnel."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from deploy.netns import vpnlab
-from edge_proxy import vpn
+from edge_proxy import auth, certs, vpn
 from tests.harness import ROOT, Proc
 
 SCRIPT = ROOT / "deploy" / "netns" / "topology.sh"
@@ -149,3 +150,120 @@ def test_edge_reaches_the_worker_only_through_wireguard_dialled_out_through_nat(
     lab.worker_wg.up()
     wait_fetch(lab, "edge", upstream + "/", 30)
 
+
+
+# --- the edge's direct worker over the tunnel -------------------------------------------------------------------
+
+CHECK_INTERVAL, CHECK_TIMEOUT, UNHEALTHY_AFTER = 0.5, 1.0, 2
+CONNECT_TIMEOUT = 2.0
+# Marked down within: UNHEALTHY_AFTER checks, each up to an interval plus its timeout.
+HEALTH_DEADLINE = UNHEALTHY_AFTER * (CHECK_INTERVAL + CHECK_TIMEOUT)
+
+
+@dataclass
+class Edge:
+    key: str
+    ca: Path
+    url: str
+
+
+def start_edge(lab: Lab, directs: list[str]) -> Edge:
+    pki = lab.workdir / "pki"
+    files = certs.make_all(pki, ["localhost", EDGE_CLIENT_SIDE])
+    key = auth.create(pki / "keys.json", "client", auth.CLIENT_KEY_PREFIX, admin=True)  # reads /_edge/workers
+    auth.create(pki / "tokens.json", "workers", auth.WORKER_TOKEN_PREFIX)
+    flags = [arg for line in directs for arg in ("--direct", line.removeprefix("--direct "))]
+    lab.start("edge", "edge", [PY, "-m", "edge_proxy", "serve", "--listen", "0.0.0.0:8443", "--cert",
+                               str(files["cert"]), "--key", str(files["key"]), "--client-keys", str(pki / "keys.json"),
+                               "--worker-tokens", str(pki / "tokens.json"), "--rate-limit", "0", "--check-interval",
+                               str(CHECK_INTERVAL), "--check-timeout", str(CHECK_TIMEOUT), "--unhealthy-threshold",
+                               str(UNHEALTHY_AFTER), "--direct-connect-timeout", str(CONNECT_TIMEOUT), *flags])
+    return Edge(key, files["ca"], f"https://{EDGE_CLIENT_SIDE}:8443")
+
+
+def client_requests(lab: Lab, edge: Edge, path: str, count: int) -> list[dict]:
+    r = lab.run("clients", [PY, str(ROOT / "tests" / "netns" / "client.py"), edge.url + path, edge.key, str(edge.ca),
+                            str(count)], timeout=120)
+    assert r.returncode == 0, r.stderr + lab.logs()
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def worker_available(lab: Lab, edge: Edge, name: str) -> bool | None:
+    (res,) = client_requests(lab, edge, "/_edge/workers", 1)
+    if res["status"] != 200:
+        return None
+    ws = {w["id"]: w for w in json.loads(res["body"])["workers"]}
+    return bool(ws[name]["available"]) if name in ws else None
+
+
+def wait_available(lab: Lab, edge: Edge, name: str, want: bool, timeout: float) -> float:
+    start = time.monotonic()
+    while worker_available(lab, edge, name) is not want:
+        assert time.monotonic() - start < timeout, (f"{name} not {'up' if want else 'down'} after {timeout} s\n"
+                                                    f"{lab.logs()}")
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
+def vpn_init_direct_lines(lab: Lab) -> list[str]:
+    """The `--direct` lines `edge-proxy vpn init` prints for this VPN, as an operator pastes them."""
+    state = vpn.VpnState.load(lab.vpn_dir)
+    return [vpn.direct_line(w, "default", PORT) for w in state.workers]
+
+
+def test_client_reaches_the_worker_through_the_edge_and_wireguard_and_the_edge_follows_the_tunnel(lab: Lab) -> None:
+    start_upstream(lab)
+    edge = start_edge(lab, vpn_init_direct_lines(lab))
+    wait_available(lab, edge, "worker-1", True, 30)
+    answers = client_requests(lab, edge, "/", 20)
+    assert [a["status"] for a in answers] == [200] * 20, answers[-1]
+    assert "hello from" in answers[0]["body"]
+    # The worker saw the edge at its tunnel address: the request came through WireGuard.
+    assert f"peer {lab.state.edge.address}\n" in answers[0]["body"], answers[0]["body"]
+    assert "upstream" in answers[0]["timing"] and "tunnel" not in answers[0]["timing"]
+    assert_firewall_holds(lab)
+
+    # The worker's WireGuard stops: requests are answered, never left hanging, and the edge
+    # marks the worker down within its health deadline; then it answers 503 at once.
+    lab.worker_wg.down()
+    stopped = time.monotonic()
+    during = client_requests(lab, edge, "/", 3)
+    assert all(a["status"] in (502, 503, 504) for a in during), during
+    assert all(a["elapsed_s"] < CONNECT_TIMEOUT + CHECK_TIMEOUT + 3.0 for a in during), during
+    down_after = wait_available(lab, edge, "worker-1", False, HEALTH_DEADLINE + 10)
+    print(f"worker marked down {time.monotonic() - stopped:.2f} s after its WireGuard stopped "
+          f"(waited {down_after:.2f} s after the probes)")
+    assert time.monotonic() - stopped < HEALTH_DEADLINE + 3 * CONNECT_TIMEOUT + 10  # the probes' own time included
+    (fast,) = client_requests(lab, edge, "/", 1)
+    assert fast["status"] == 503 and fast["elapsed_s"] < 1.0, fast
+
+    # It dials out again: a new handshake through a new NAT mapping, then the next health check.
+    lab.worker_wg.up()
+    restarted = time.monotonic()
+    wait_available(lab, edge, "worker-1", True, 5 + HEALTH_DEADLINE + 10)  # handshake retry 5 s, then a check
+    print(f"worker back {time.monotonic() - restarted:.2f} s after its WireGuard restarted")
+    assert [a["status"] for a in client_requests(lab, edge, "/", 5)] == [200] * 5
+
+
+def test_real_inference_server_bound_to_its_tunnel_address_classifies_through_the_edge(lab: Lab) -> None:
+    """The inference server of the project (its default backend and model), listening on the worker's
+    WireGuard address only, as docs/vpn.md says; a client's /photo goes edge -> WireGuard -> server."""
+    server = lab.start("inference", "workers", [PY, "-m", "inference", "serve", "--host", lab.worker_address,
+                                                "--port", str(PORT)])
+    edge = start_edge(lab, vpn_init_direct_lines(lab))
+    deadline = time.monotonic() + 300  # a first start may convert the model's weights
+    while worker_available(lab, edge, "worker-1") is not True:
+        assert server.alive(), f"the inference server exited:\n{server.log()}"
+        assert time.monotonic() < deadline, f"the inference server never became healthy\n{lab.logs()}"
+        time.sleep(1.0)
+    out = lab.workdir / "classify.json"
+    r = lab.run("clients", [PY, "-m", "loadtest", "classify", "--url", edge.url + "/", "--api-key", edge.key,
+                            "--ca", str(edge.ca), "--concurrency", "1", "--requests", "5", "--warmup", "0",
+                            "--quiet", "--json", str(out)], timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:] + lab.logs()
+    report = json.loads(out.read_text())
+    assert report["requests"] >= 5 and report["errors"] == 0, report
+    assert "upstream" in report["hops_ms"] and "infer" in report["hops_ms"], sorted(report["hops_ms"])
+    # Bound to the tunnel address: not even loopback inside the worker reaches it.
+    r = lab.run("workers", connect_cmd("127.0.0.1", PORT, 2))
+    assert "CONNECTED" not in r.stdout
