@@ -43,7 +43,8 @@ fi
 
 wireguard-go -f "$ifname" &
 pid=$!
-trap 'kill -TERM "$pid" 2>/dev/null || true' TERM INT
+stopping=0
+trap 'stopping=1; kill -TERM "$pid" 2>/dev/null || true' TERM INT
 tries=0
 while [ ! -S "/var/run/wireguard/$ifname.sock" ]; do
   kill -0 "$pid" 2>/dev/null || { echo "wireguard-up: wireguard-go exited" >&2; exit 1; }
@@ -63,5 +64,8 @@ rm -f "$stripped"
 echo "wireguard-up: $ifname up with $address" >&2
 status=0
 wait "$pid" || status=$?
-wait "$pid" 2>/dev/null || true
+if [ "$stopping" = 1 ]; then  # asked to stop (docker stop, the pod's end): a clean exit once it is gone
+  status=0
+  wait "$pid" 2>/dev/null || true
+fi
 exit "$status"

@@ -257,7 +257,7 @@ def test_real_inference_server_bound_to_its_tunnel_address_classifies_through_th
         assert time.monotonic() < deadline, f"the inference server never became healthy\n{lab.logs()}"
         time.sleep(1.0)
     out = lab.workdir / "classify.json"
-    r = lab.run("clients", [PY, "-m", "loadtest", "classify", "--url", edge.url + "/", "--api-key", edge.key,
+    r = lab.run("clients", [PY, "-m", "loadtest", "classify", "--url", edge.url + "/photo", "--api-key", edge.key,
                             "--ca", str(edge.ca), "--concurrency", "1", "--requests", "5", "--warmup", "0",
                             "--quiet", "--json", str(out)], timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:] + lab.logs()
@@ -267,3 +267,29 @@ def test_real_inference_server_bound_to_its_tunnel_address_classifies_through_th
     # Bound to the tunnel address: not even loopback inside the worker reaches it.
     r = lab.run("workers", connect_cmd("127.0.0.1", PORT, 2))
     assert "CONNECTED" not in r.stdout
+
+
+def test_the_sidecar_entrypoint_brings_both_ends_up_with_the_worker_firewall(lab: Lab) -> None:
+    """deploy/docker/wireguard-up.sh, the entrypoint of the `wireguard` image, run as the compose files
+    and Kubernetes manifests run it: from the wg-quick files, the worker's input policy its own."""
+    entry = str(ROOT / "deploy" / "docker" / "wireguard-up.sh")
+    lab.worker_wg.down()
+    lab.edge_wg.down()
+    sides = {"edge": (lab.vpn_dir / "edge.conf", lab.edge_wg.iface, ""),
+             "workers": (lab.vpn_dir / "worker-1.conf", lab.worker_wg.iface, str(PORT))}
+    procs = {}
+    for ns, (conf, iface, ports) in sides.items():
+        env = {"WG_CONF": str(conf), "WG_INTERFACE": iface, **({"WG_FIREWALL_PORTS": ports} if ports else {})}
+        procs[ns] = lab.start(f"wireguard-up-{ns}", ns, ["sh", entry], env)
+        deadline = time.monotonic() + 20
+        while lab.run(ns, ["env", *(f"{k}={v}" for k, v in env.items()), "sh", entry, "check"]).returncode != 0:
+            assert procs[ns].alive() and time.monotonic() < deadline, lab.logs()
+            time.sleep(0.1)
+    rules = vpnlab.run(lab.ns("workers"), "nft", "list", "table", "inet", "worker")
+    assert "policy drop" in rules and f'iifname "{lab.worker_wg.iface}" tcp dport {PORT} accept' in rules, rules
+    upstream = start_upstream(lab)
+    assert "hello from" in wait_fetch(lab, "edge", upstream + "/", 30).stdout
+    assert_firewall_holds(lab)
+    # SIGTERM (docker stop, a pod's end): the interface goes with the process.
+    assert procs["workers"].stop() == 0, procs["workers"].log()
+    assert lab.run("workers", ["ip", "link", "show", "dev", lab.worker_wg.iface]).returncode != 0
