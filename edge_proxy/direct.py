@@ -158,6 +158,7 @@ class DirectSession:
     def unreachable(self, error: str) -> None:
         """Real traffic could not connect: as telling as a failed check, and sooner."""
         self._silent = True
+        self.state.metrics.direct_connect_failures.labels(self.spec.pool).inc()
         self._record(False, error)
 
     def _record(self, ok: bool, error: str) -> None:

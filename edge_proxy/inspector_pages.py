@@ -155,7 +155,8 @@ def overview(state: EdgeState, now: float, wall: float) -> dict[str, object]:
     recent = state.inspector.recent
     return {
         "edge": {"uptime_s": round(wall - state.started, 1), "in_flight": state.in_flight,
-                 "draining": state.draining, "tunnels": len(state.sessions)},
+                 "draining": state.draining, "tunnels": len(state.sessions),
+                 "direct": sum(1 for w in reg.workers.values() if w.kind == "direct")},
         "recorder": {"capacity": recent.capacity if recent is not None else 0,
                      "kept": len(recent) if recent is not None else 0},
         "pools": pools,

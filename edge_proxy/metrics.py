@@ -76,6 +76,12 @@ class EdgeMetrics:
                                        ["reason"], registry=r)
         self.upload_aborts = Children(Counter("edge_upload_aborts", "Request bodies cut off by the client mid-upload",
                                      ["pool"], registry=r))
+        self.worker_kind = Gauge("edge_worker_info", "One per worker, naming its kind: tunnel (an agent dialled in "
+                                 "over WSS) or direct (the edge dials its URL, --direct)", ["worker", "pool", "kind"],
+                                 registry=r)
+        self.direct_connect_failures = Children(Counter(
+            "edge_direct_connect_failures", "Connections to direct workers that could not be made (refused, "
+            "unreachable, timed out): each request was tried on another worker", ["pool"], registry=r))
         self.tunnel_rtt = Gauge("edge_tunnel_rtt_seconds", "Smoothed tunnel RTT from heartbeats", ["worker", "pool"],
                                 registry=r)
         self.workers = Gauge("edge_workers", "Connected workers by pool and health", ["pool", "state"], registry=r)
@@ -106,12 +112,14 @@ class EdgeMetrics:
         self.workers.clear()
         self.tunnel_rtt.clear()
         self.effective_capacity.clear()
+        self.worker_kind.clear()
         states: dict[tuple[str, str], int] = {}
         outstanding: dict[str, int] = dict.fromkeys(snap.waiting, 0)
         for w in snap.workers:
             states[(w.pool, w.state)] = states.get((w.pool, w.state), 0) + 1
             outstanding[w.pool] = outstanding.get(w.pool, 0) + w.in_flight
             self.effective_capacity.labels(w.agent_id, w.pool).set(w.effective_capacity)
+            self.worker_kind.labels(w.agent_id, w.pool, w.kind).set(1)
             if w.rtt is not None:
                 self.tunnel_rtt.labels(w.agent_id, w.pool).set(w.rtt)
         for (pool, st), n in states.items():
@@ -126,5 +134,5 @@ class EdgeMetrics:
         self.tasks_by_coroutine.clear()
         for name, n in tasks_by_coroutine(tasks).items():
             self.tasks_by_coroutine.labels(name).set(n)
-        self.tunnels.set(sum(w.tunnels for w in snap.workers))
+        self.tunnels.set(sum(w.tunnels for w in snap.workers if w.kind == "tunnel"))
         return generate_latest(self.registry)

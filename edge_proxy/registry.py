@@ -123,6 +123,7 @@ class WorkerSnapshot:
     in_flight: int
     tunnels: int
     effective_capacity: int
+    kind: str = "tunnel"
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +229,7 @@ class Registry:
         now = self.clock()
         workers = tuple(
             WorkerSnapshot(w.agent_id, w.pool, w.health.state(now) if w.live_session() else "disconnected", w.rtt(),
-                           w.in_flight, len(w.sessions), w.limit.effective(now, w.capacity))
+                           w.in_flight, len(w.sessions), w.limit.effective(now, w.capacity), w.kind)
             for p in self.pools.values() for w in p.workers)
         return RegistrySnapshot(workers, {name: len(p.waiters) for name, p in self.pools.items()})
 

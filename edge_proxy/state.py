@@ -7,10 +7,9 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from aiohttp import web
-
-from relay.websocket import WsRelay
 
 from .auth import CredentialStore
 from .browser_session import SessionSigner
@@ -19,6 +18,13 @@ from .inspector import Inspector
 from .metrics import EdgeMetrics
 from .ratelimit import RateLimiter
 from .registry import Registry, TunnelSession
+
+
+class OpenWebSocket(Protocol):
+    """A client WebSocket being relayed (relay.websocket.WsRelay through a
+    tunnel, direct_ws.DirectRelay to a direct worker)."""
+
+    async def shutdown(self, code: int, reason: str) -> None: ...
 
 
 @dataclass(eq=False)
@@ -31,7 +37,7 @@ class EdgeState:
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0, 0))
     auth_failures: RateLimiter = field(default_factory=lambda: RateLimiter(1, 60))
     sessions: set[TunnelSession] = field(default_factory=set)
-    websockets: set[WsRelay] = field(default_factory=set)  # open client WebSockets (edge_proxy/websocket.py)
+    websockets: set[OpenWebSocket] = field(default_factory=set)  # open client WebSockets (edge_proxy/websocket.py)
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     draining: bool = False

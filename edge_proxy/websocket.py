@@ -38,7 +38,9 @@ from relay.websocket import DOWN, WsRelay
 from tunnel import ErrorCode, RequestHead, StreamError
 from tunnel.wsmessages import Kind
 
-from . import heads, proxy
+from . import direct_ws, heads, proxy
+from .direct import DirectSession
+from .direct_ws import DirectRelay
 from .errors import error_response
 from .inspector import KEY_NAME, WORKER, LiveSocket
 from .overload import is_load_signal
@@ -121,6 +123,13 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
         session = lease.worker.live_session()
         worker_id = lease.worker.agent_id
         request[WORKER] = worker_id  # for the inspector
+        if isinstance(session, DirectSession):
+            async def opened(ws: web.WebSocketResponse, relay: DirectRelay) -> None:
+                await _serve_direct(state, request, pool_name, request_id, worker_id, ws, relay)
+
+            resp, ok, shed = await direct_ws.handle(state, request, session, head, app_protocols, key_protocols, lb,
+                                                    started, request_id, opened)
+            return resp
         if not isinstance(session, EdgeSession):  # None: its last tunnel just closed
             return error_response(502, "worker_unavailable", f"worker {worker_id} is not accepting streams",
                                   request_id)
@@ -196,8 +205,19 @@ async def handle(state: EdgeState, request: web.Request, pool_name: str, target:
         lease.release(ok, None, shed=shed)
 
 
+async def _serve_direct(state: EdgeState, request: web.Request, pool: str, request_id: str, worker_id: str,
+                        ws: web.WebSocketResponse, relay: DirectRelay) -> None:
+    live = state.inspector.socket_opened(time.monotonic(), time.time(), request_id, pool, worker_id,
+                                         request.raw_path, request.get(KEY_NAME, ""))
+    relay.on_message = _counter(state, pool, live)
+    try:
+        await _relay(state, pool, request_id, worker_id, ws, relay)
+    finally:
+        state.inspector.socket_closed(request_id)
+
+
 async def _relay(state: EdgeState, pool: str, request_id: str, worker_id: str, ws: web.WebSocketResponse,
-                 relay: WsRelay) -> None:
+                 relay: WsRelay | DirectRelay) -> None:
     m = state.metrics
     m.ws_open.labels(pool).inc()
     state.websockets.add(relay)

@@ -34,17 +34,28 @@ DERIVED: dict[str, tuple[str, str]] = {
 }
 
 HOP_ORDER = (*CLIENT_PHASES, "net_client_edge", "lb", "tunnel", "net_edge_worker", "tunnel_rtt", "edge", "agent",
-             "upstream", "agent_overhead", *INFERENCE)
+             "upstream", "net_edge_direct", "agent_overhead", *INFERENCE)
+
+
+def is_direct(hops: Mapping[str, float]) -> bool:
+    """A request the edge sent to a direct worker itself (over a VPN, say):
+    the edge's `upstream` entry with no tunnel and no agent in between."""
+    return "upstream" in hops and "edge" in hops and "tunnel" not in hops and "agent" not in hops
 
 
 def derive(hops: Mapping[str, float]) -> dict[str, float]:
-    """The derived hops whose two operands are both present."""
-    return {name: hops[a] - hops[b] for name, (a, b) in DERIVED.items() if a in hops and b in hops}
+    """The derived hops whose two operands are both present. Through a
+    direct worker, `upstream - app` is the edge<->worker leg (`net_edge_direct`),
+    not an agent's overhead."""
+    out = {name: hops[a] - hops[b] for name, (a, b) in DERIVED.items() if a in hops and b in hops}
+    if is_direct(hops) and "agent_overhead" in out:
+        out["net_edge_direct"] = out.pop("agent_overhead")
+    return out
 
 
 # The segments of the stacked breakdown, in the order a request meets them.
-SEGMENTS = ("client_wait", "net_client", "lb", "edge_internal", "net_edge_worker", "agent_internal",
-            "agent_overhead", "decode", "preprocess", "queue", "infer", "postprocess", "app_other")
+SEGMENTS = ("client_wait", "net_client", "lb", "edge_internal", "net_edge_worker", "net_edge_direct",
+            "agent_internal", "agent_overhead", "decode", "preprocess", "queue", "infer", "postprocess", "app_other")
 
 
 def segments(latency_ms: float, hops: Mapping[str, float]) -> dict[str, float]:
@@ -55,8 +66,10 @@ def segments(latency_ms: float, hops: Mapping[str, float]) -> dict[str, float]:
     net_client       client_total - the outermost server total (edge, else
                      agent, else app): the network, TLS and HTTP client side
     lb               edge: waiting for a worker and choosing it
-    edge_internal    edge - lb - tunnel
+    edge_internal    edge - lb - tunnel (through a direct worker: edge - lb - upstream)
     net_edge_worker  tunnel - agent
+    net_edge_direct  upstream - app, through a direct worker (no tunnel, no
+                     agent): the edge<->worker network (a VPN leg) and HTTP
     agent_internal   agent - upstream
     agent_overhead   upstream - app
     decode ... postprocess, app_other = app - the sum of the inference phases
@@ -69,11 +82,14 @@ def segments(latency_ms: float, hops: Mapping[str, float]) -> dict[str, float]:
     if "edge" in hops:
         lb = hops.get("lb", 0.0)
         out["lb"] = lb
-        inner = hops.get("tunnel", 0.0)
+        direct = is_direct(hops)
+        inner = hops["upstream"] if direct else hops.get("tunnel", 0.0)
         out["edge_internal"] = hops["edge"] - lb - inner
         if "tunnel" in hops:
             agent = hops.get("agent", 0.0)
             out["net_edge_worker"] = hops["tunnel"] - agent
+        if direct:
+            out["net_edge_direct"] = hops["upstream"] - hops.get("app", 0.0)
     if "agent" in hops:
         up = hops.get("upstream", 0.0)
         out["agent_internal"] = hops["agent"] - up
@@ -109,8 +125,8 @@ PARENT: dict[str, str | None] = {
     "client_wait": "latency", "net_client": "latency", "edge": "latency",
     "lb": "edge", "edge_internal": "edge", "tunnel": "edge",
     "net_edge_worker": "tunnel", "agent": "tunnel",
-    "agent_internal": "agent", "upstream": "agent",
-    "agent_overhead": "upstream", "app": "upstream",
+    "agent_internal": "agent", "upstream": "agent",  # through a direct worker: from the edge (agent, tunnel absent)
+    "net_edge_direct": "upstream", "agent_overhead": "upstream", "app": "upstream",
     **{n: "app" for n in (*INFERENCE[:-1], "app_other")},
 }
 SPANS = ("latency", "edge", "tunnel", "agent", "upstream", "app")
@@ -127,6 +143,9 @@ GLOSSARY: dict[str, str] = {
                        "another machine)",
     "agent_internal": "agent minus upstream: the agent's own work",
     "agent_overhead": "upstream minus app: HTTP between the agent and the inference server",
+    "net_edge_direct": "upstream minus app, through a direct worker (no tunnel, no agent): the edge's HTTP round "
+                       "trip to the worker less the app's own time: the edge<->worker network (a VPN leg) and HTTP "
+                       "on both ends",
     "app_other": "app minus its reported phases: routing, reading the body, writing the answer",
     "net_client_edge": "client_total minus edge (a per-hop table name of net_client through the edge)",
     "tunnel_rtt": "the tunnel's round-trip time from the edge's heartbeats: a reading of the link, not a part "
@@ -152,7 +171,8 @@ def labels(loopback: bool) -> dict[str, str]:
         "net_client": "client <-> server: loopback (no network)" if loopback else "client <-> server: network",
         "edge": "edge", "lb": "choosing a worker", "edge_internal": "edge itself",
         "tunnel": "tunnel", "net_edge_worker": "tunnel transit", "agent": "agent",
-        "agent_internal": "agent itself", "upstream": "upstream: agent -> app",
+        "agent_internal": "agent itself", "upstream": "upstream: agent (or edge, direct) -> app",
+        "net_edge_direct": "edge <-> direct worker (VPN leg)",
         "agent_overhead": "agent <-> app HTTP", "app": "app (inference server)",
         "decode": "decode", "preprocess": "preprocess", "queue": "batch queue", "infer": "infer",
         "postprocess": "postprocess", "app_other": "app other",

@@ -56,7 +56,7 @@ function renderPools(pools) {
 function renderWorkers(workers) {
   $("no-workers").hidden = workers.length > 0;
   fill($("workers").tBodies[0], workers.map((w) => row([
-    el("td", w.id, "text"), el("td", w.pool, "text"), el("td", w.health, w.health.split(" ")[0]),
+    el("td", w.kind === "direct" ? `${w.id} (direct ${w.url})` : w.id, "text"), el("td", w.pool, "text"), el("td", w.health, w.health.split(" ")[0]),
     el("td", w.health_detail || "", "why"), el("td", w.last_check_error || "ok", "why"),
     w.capacity, w.effective_capacity, w.in_flight, w.served, w.errors, w.shed, w.ejections,
     fmt(w.tunnel_rtt_ms, 2), fmt(w.ewma_latency_ms, 2),
@@ -139,9 +139,12 @@ function layout(timing, total) {
   };
   place("edge", 0, 0, "edge");
   const lb = place("lb", 0, 1, "lb");
-  let parent = place("tunnel", lb ? lb.dur : 0, 1, "");
+  // A direct worker has no tunnel: the edge's own `upstream` (the VPN leg) takes its place.
+  let parent = place("tunnel", lb ? lb.dur : 0, 1, "") || place("upstream", lb ? lb.dur : 0, 1, "");
   for (const [outer, inner] of NESTED) {
-    if (!parent || parent.name !== outer || t[inner] === undefined) break;
+    if (!parent) break;
+    if (parent.name !== outer) continue;
+    if (t[inner] === undefined) break;
     parent = place(inner, parent.start + Math.max(0, parent.dur - t[inner]) / 2, parent.depth + 1, "");
   }
   let at = parent ? parent.start : 0;
@@ -193,6 +196,7 @@ function render(data) {
   state.overview = data;
   const e = data.edge;
   $("summary").textContent = `up ${Math.round(e.uptime_s)} s · ${e.in_flight} in flight · ${e.tunnels} tunnel(s)` +
+    (e.direct ? ` · ${e.direct} direct worker(s)` : "") +
     (e.draining ? " · DRAINING" : "");
   $("recorder").textContent = data.recorder.capacity
     ? `(the edge keeps the last ${data.recorder.capacity}; paths without query strings, no bodies, keys by name)`

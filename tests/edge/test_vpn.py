@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from edge_proxy import vpn
+from edge_proxy.direct_spec import parse_direct, parse_lines
 from tests.harness import ROOT
 
 
@@ -158,7 +159,12 @@ def test_cli_prints_direct_lines_and_clear_errors(tmp_path: Path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["--direct gpu=http://10.77.0.2:8000,id=worker-1",
                                      "--direct gpu=http://10.77.0.3:8000,id=worker-2"]
-    assert "not built yet" in r.stderr and "Traceback" not in r.stderr
+    assert "pass these to `edge-proxy serve`" in r.stderr and "Traceback" not in r.stderr
+    # `serve --direct` takes them as printed, and so does a --directs file.
+    specs = [parse_direct(line.removeprefix("--direct ")) for line in r.stdout.splitlines()]
+    assert [(s.pool, s.url, s.id) for s in specs] == [("gpu", "http://10.77.0.2:8000", "worker-1"),
+                                                      ("gpu", "http://10.77.0.3:8000", "worker-2")]
+    assert parse_lines(r.stdout, "directs") == specs
     r = run_cli("add-worker", str(d))
     assert r.returncode == 0 and r.stdout == "--direct default=http://10.77.0.4:8000,id=worker-3\n"
     r = run_cli("init", "--out", str(tmp_path / "x"), "--endpoint", "edge", "--workers", "1")

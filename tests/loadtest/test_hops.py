@@ -79,6 +79,22 @@ def test_segments_of_a_direct_request_to_the_inference_server():
     assert seg == pytest.approx({"client_wait": 0.0, "net_client": 2.0, "infer": 8.0, "app_other": 2.0})
 
 
+def test_a_direct_worker_request_shows_the_edge_to_worker_leg_under_upstream():
+    # client -> edge -> (VPN) -> app: the edge's own `upstream`, no tunnel, no agent.
+    h = {"client_total": 30.0, "edge": 21.0, "lb": 0.5, "upstream": 20.0, "app": 15.0, "infer": 12.0}
+    assert hops.derive(h) == {"net_client_edge": 9.0, "net_edge_direct": 5.0}
+    seg = hops.segments(31.0, h)
+    assert seg == pytest.approx({"client_wait": 1.0, "net_client": 9.0, "lb": 0.5, "edge_internal": 0.5,
+                                 "net_edge_direct": 5.0, "infer": 12.0, "app_other": 3.0})
+    assert sum(seg.values()) == pytest.approx(31.0)
+    present = set(hops.node_values(31.0, h))
+    depth = hops.depths(present)
+    # edge > upstream > {net_edge_direct, app > infer}
+    assert (depth["edge"], depth["upstream"], depth["net_edge_direct"], depth["app"], depth["infer"]) == (1, 2, 3, 3, 4)
+    # Through an agent, upstream - app stays the agent's HTTP overhead.
+    assert "agent_overhead" in hops.derive({"agent": 3.0, "upstream": 2.0, "app": 1.0})
+
+
 def test_segments_of_a_plain_server_are_all_client_side():
     assert hops.segments(5.0, {"client_total": 4.0}) == pytest.approx({"client_wait": 1.0, "net_client": 4.0})
 

@@ -17,8 +17,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import aiohttp
-
 from httpcontract.timing import parse as parse_timing
 from tests.harness import Proc, System, free_port, wait_for
 from tests.relay.test_overload import _hold_one_slot, metrics_text, total
@@ -94,6 +92,20 @@ async def test_mixed_pool_balances_a_tunnel_worker_and_a_direct_worker(system: S
     assert (ws["t1"]["kind"], ws["d1"]["kind"]) == ("tunnel", "direct")
     text = await metrics_text(system, edge)
     assert 'edge_workers{pool="default",state="healthy"} 2.0' in text, text
+    assert 'edge_worker_info{kind="direct",pool="default",worker="d1"} 1.0' in text, text
+    assert 'edge_worker_info{kind="tunnel",pool="default",worker="t1"} 1.0' in text, text
+    assert "edge_tunnels 1.0" in text, text  # the direct worker is no tunnel
+    # The inspector lists both, and counts the direct one apart from the tunnels.
+    async with system.http().get(edge + "/_edge/api/overview", headers=system.auth()) as r:
+        view = await r.json()
+    assert view["edge"]["tunnels"] == 1 and view["edge"]["direct"] == 1, view["edge"]
+    kinds = {w["id"]: (w["kind"], w.get("url")) for w in view["workers"]}
+    assert kinds == {"t1": ("tunnel", None), "d1": ("direct", up2)}, kinds
+    # The inspector's own requests list names the worker that answered.
+    async with system.http().get(edge + "/_edge/api/requests?worker=d1", headers=system.auth()) as r:
+        assert r.status == 200
+        listed = await r.json()
+    assert any(q.get("worker") == "d1" for q in listed.get("requests", [])), listed
 
 
 async def test_killed_direct_worker_is_down_within_the_health_deadline_and_traffic_moves(system: System):
@@ -152,6 +164,7 @@ async def test_connect_refused_is_retried_on_another_worker_even_for_post(system
             assert r.status == 200 and await r.read() == b"payload"
     text = await metrics_text(system, edge)
     assert total(text, "edge_retries_total") >= 1, text
+    assert total(text, 'edge_direct_connect_failures_total{pool="default"}') >= 1, text
     # Refused connections count as failed checks: d1 is down without waiting 30 s.
     assert not (await system.workers(edge))["d1"]["available"]
 

@@ -460,10 +460,13 @@ async def test_edge_returns_freed_heap_pages_on_its_interval_and_reports_them(sy
         assert metric(await r.text(), "edge_heap_trim_seconds_count") == 0  # 0 turns it off
 
 
-async def test_edge_sigterm_drains_in_flight_requests_and_exits_0(system: System):
+@pytest.mark.parametrize("kind", ["tunnel", "direct"])
+async def test_edge_sigterm_drains_in_flight_requests_and_exits_0(system: System, kind: str):
     _, up = await system.upstream()
-    edge_proc, edge = await system.edge()
-    system.agent("w1", edge, up)
+    edge_proc, edge = await system.edge("edge", None, *(["--direct", f"default={up},id=w1"] if kind == "direct"
+                                                        else []))
+    if kind == "tunnel":
+        system.agent("w1", edge, up)
     await system.wait_available(edge, ["w1"])
     http = system.http()
     task = asyncio.create_task(http.get(edge + "/work?ms=1000", headers=system.auth()))

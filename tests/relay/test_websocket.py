@@ -19,10 +19,13 @@ from tests.harness import System, wait_for
 MAX = 2 * 1024 * 1024  # the edge's --ws-max-message in these tests
 
 
-async def start(system: System, *edge_args: str, capacity: int = 8) -> tuple[str, str]:
+async def start(system: System, *edge_args: str, capacity: int = 8, kind: str = "tunnel") -> tuple[str, str]:
+    """An edge and one worker `w1`: an agent's tunnel, or a direct worker the edge dials."""
     _, up = await system.upstream()
-    _, edge = await system.edge("edge", None, "--ws-max-message", str(MAX), *edge_args)
-    system.agent("w1", edge, up, capacity=capacity)
+    direct = ["--direct", f"default={up},id=w1,capacity={capacity}"] if kind == "direct" else []
+    _, edge = await system.edge("edge", None, "--ws-max-message", str(MAX), *edge_args, *direct)
+    if kind == "tunnel":
+        system.agent("w1", edge, up, capacity=capacity)
     await system.wait_available(edge, ["w1"])
     return edge, up
 
@@ -42,14 +45,16 @@ async def receive(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10) -> a
     return await ws.receive(timeout=timeout)
 
 
-async def test_messages_close_codes_and_server_timing(system: System) -> None:
-    edge, up = await start(system)
+@pytest.mark.parametrize("kind", ["tunnel", "direct"])
+async def test_messages_close_codes_and_server_timing(system: System, kind: str) -> None:
+    edge, up = await start(system, kind=kind)
     wss = edge + "/ws"
     async with system.http().ws_connect(wss, headers=system.auth(), protocols=("inference.v1",), autoping=False,
                                         autoclose=False, max_msg_size=8 * MAX) as ws:
         assert ws.protocol == "inference.v1"
         timing = ws._response.headers.get("Server-Timing", "")
-        for name in ("lb", "tunnel", "edge", "upstream", "agent"):
+        hops = ("lb", "tunnel", "edge", "upstream", "agent") if kind == "tunnel" else ("lb", "upstream", "edge")
+        for name in hops:
             assert f"{name};dur=" in timing, timing
         assert "Sec-WebSocket-Extensions" not in ws._response.headers  # no per-message compression
         await ws.send_str("hello ✓")
@@ -127,8 +132,9 @@ async def test_messages_close_codes_and_server_timing(system: System) -> None:
     assert 'edge_requests_total{pool="default",status="101"}' in text
 
 
-async def test_auth_subprotocol_and_refusals(system: System) -> None:
-    edge, up = await start(system)
+@pytest.mark.parametrize("kind", ["tunnel", "direct"])
+async def test_auth_subprotocol_and_refusals(system: System, kind: str) -> None:
+    edge, up = await start(system, kind=kind)
     wss = edge + "/ws"
     key = system.pki.client_key
     # the browser form: key as a subprotocol beside the application's
@@ -252,10 +258,13 @@ async def test_crashes_close_the_client_promptly(system: System) -> None:
         assert time.monotonic() - t0 < 3
 
 
-async def test_client_disconnect_idle_timeout_and_drain(system: System) -> None:
+@pytest.mark.parametrize("kind", ["tunnel", "direct"])
+async def test_client_disconnect_idle_timeout_and_drain(system: System, kind: str) -> None:
     edge_proc_up, up = await system.upstream()
-    edge_proc, edge = await system.edge("edge", None, "--ws-idle-timeout", "1.5")
-    system.agent("w1", edge, up)
+    direct = ["--direct", f"default={up},id=w1,capacity=8"] if kind == "direct" else []
+    edge_proc, edge = await system.edge("edge", None, "--ws-idle-timeout", "1.5", *direct)
+    if kind == "tunnel":
+        system.agent("w1", edge, up)
     await system.wait_available(edge, ["w1"])
     wss = edge + "/ws"
     # a client that vanishes: the upstream's WebSocket is closed
