@@ -106,6 +106,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--echo-delay-ms", type=_non_negative, default=5.0,
                     help="the echo servers' known delay, requests and frames (default: 5)")
     ap.add_argument("--no-inference", action="store_true", help="skip the inference server (echo and streams only)")
+    ap.add_argument("--no-idle-restart", action="store_true",
+                    help="net.ipv4.tcp_slow_start_after_idle=0 in the edge's and worker's namespaces: TCP keeps its "
+                         "window between frames (the agents' tunnels, split by the TCP relay, hardly need it)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the relays' delays and losses")
     ap.add_argument("--out", type=Path, default=None, help="directory for the JSON results and compare.html")
     a = ap.parse_args(argv)
@@ -168,14 +171,15 @@ def leg_ms(result: dict[str, Any]) -> float | None:
     own `upstream` to a direct worker (both include the worker's server time)."""
     hops = result.get("hops_ms") or {}
     hop = hops.get("tunnel") or hops.get("upstream")
-    return hop.get("p50") if isinstance(hop, dict) else None
+    p50 = hop.get("p50") if isinstance(hop, dict) else None
+    return float(p50) if isinstance(p50, int | float) else None
 
 
 def per_request_ms(run: Run, role: str) -> float | None:
     count = run.result.get("requests") or run.result.get("frames_answered")
     if not count or role not in run.cpu_s:
         return None
-    return 1000 * run.cpu_s[role] / count
+    return 1000 * run.cpu_s[role] / float(count)
 
 
 def _f(v: Any, digits: int = 1) -> str:
@@ -242,10 +246,11 @@ class Lab:
     def ns(self, name: str) -> str:
         return f"{self.p}-{name}"
 
-    def start(self, name: str, ns: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def start(self, name: str, ns: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         with open(self.workdir / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(["ip", "netns", "exec", self.ns(ns), *args], stdout=log, stderr=subprocess.STDOUT,
-                                    cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                                    cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                    start_new_session=True)
         self.procs[name] = proc
         return proc
 
@@ -311,6 +316,9 @@ def lab(a: argparse.Namespace, workdir: Path) -> Iterator[tuple[Lab, str, str, s
         t.start("relay-udp", "router", [PY, str(RELAY), f"{ROUTER}:{RELAY_UDP}", f"{EDGE_ROUTER_SIDE}:{WG_PORT}",
                                         "--udp", *law])
         wg_iface = f"{t.p}w"
+        if a.no_idle_restart:
+            for ns in ("edge", "workers"):
+                vpnlab.run(t.ns(ns), "sysctl", "-qw", "net.ipv4.tcp_slow_start_after_idle=0")
         for port in (INFER_PORT, ECHO_PORT, WS_PORT):
             vpnlab.run(t.ns("workers"), "nft", "add", "rule", "inet", "firewall", "input", "iifname", wg_iface,
                        "tcp", "dport", str(port), "accept")
@@ -320,7 +328,8 @@ def lab(a: argparse.Namespace, workdir: Path) -> Iterator[tuple[Lab, str, str, s
             wg.up()
         # The worker's servers, on every address: the firewall admits the tunnel only.
         t.start("echo", "workers", [PY, str(ROOT / "tests" / "relay" / "upstream.py"), str(ECHO_PORT), "0.0.0.0"])
-        t.start("ws", "workers", [PY, str(ROOT / "tests" / "loadtest" / "wsserver.py"), str(WS_PORT)])
+        t.start("ws", "workers", [PY, str(ROOT / "tests" / "loadtest" / "wsserver.py"), str(WS_PORT)],
+                {"WSSERVER_HOST": "0.0.0.0"})
         if not a.no_inference:
             t.start("inference", "workers", [PY, "-m", "inference", "serve", "--host", "0.0.0.0", "--port",
                                              str(INFER_PORT)])
@@ -368,7 +377,7 @@ def measure(t: Lab, run: Run, key: str, ca: str, out: Path) -> None:
 
 
 def run_timeout(a: argparse.Namespace) -> float:
-    return 120 + 3 * a.seconds
+    return 120.0 + 3 * float(a.seconds)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -385,13 +394,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs = plan(a, edge)
             for run in runs:
                 measure(t, run, key, ca, out)
-    files = [str(out / r.file) for r in runs]
+    # Each test's WSS result then its WireGuard one: `compare` gives every difference against the first.
+    order = {t: i for i, t in enumerate(dict.fromkeys(r.test for r in runs))}
+    files = [str(out / r.file) for r in sorted(runs, key=lambda r: (order[r.test], PATHS.index(r.path)))]
     compare = subprocess.run([PY, "-m", "loadtest", "compare", *files, "--html", str(out / "compare.html")],
                              capture_output=True, text=True, cwd=ROOT, env={**os.environ, "COLUMNS": "160"})
     (out / "compare.txt").write_text(compare.stdout)
     (out / "runs.json").write_text(json.dumps([{"label": r.label, "cpu_s": r.cpu_s, "file": r.file} for r in runs],
                                               indent=2))
     loss = f", loss {a.loss:g}% each way" if a.loss else ""
+    loss += ", tcp_slow_start_after_idle=0" if a.no_idle_restart else ""
     print(f"WAN on the edge<->worker leg: {a.delay_ms:g} +/- {a.jitter_ms:g} ms each way{loss}; "
           f"{a.seconds:g} s per run; echo delay {a.echo_delay_ms:g} ms; stream frames {a.frame_bytes} B, deadline "
           f"{a.deadline_ms:g} ms")
