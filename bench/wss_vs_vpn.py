@@ -24,7 +24,8 @@ deadline); each path's run alternates with the other's, so machine drift hits
 both alike. CPU per request of the edge and of the link (the agent, or both
 wireguard-go processes) is read from /proc. One `loadtest compare` report of
 every result goes to --out; a Markdown table to standard output. A benchmark:
-asserts nothing.
+asserts nothing. Long because the lab is one sequence (namespaces, WireGuard,
+relays, servers, edge, agents) that reads best in one place.
 
     sudo python bench/wss_vs_vpn.py                           # ~3 min
     sudo python bench/wss_vs_vpn.py --seconds 5 --fps 15      # quick
@@ -111,6 +112,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                          "window between frames (the agents' tunnels, split by the TCP relay, hardly need it)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the relays' delays and losses")
     ap.add_argument("--out", type=Path, default=None, help="directory for the JSON results and compare.html")
+    ap.add_argument("--report", type=Path, metavar="DIR",
+                    help="build no lab: print the table again from the results an earlier run left in DIR")
     a = ap.parse_args(argv)
     if a.loss >= 100:
         ap.error("--loss must be below 100")
@@ -167,10 +170,12 @@ def plan(a: argparse.Namespace, edge: str) -> list[Run]:
 # --- the report (pure) ---------------------------------------------------------------------------------------------
 
 def leg_ms(result: dict[str, Any]) -> float | None:
-    """The edge's round trip over the edge<->worker leg, p50: `tunnel` through an agent, the edge's
-    own `upstream` to a direct worker (both include the worker's server time)."""
+    """The edge<->worker leg, p50, as the load tester derives it: `net_edge_worker` (tunnel - agent)
+    through an agent, `net_edge_direct` (the edge's upstream - app) to a direct worker; else the
+    edge's whole round trip (`tunnel`, or `upstream` without a tunnel), server time included."""
     hops = result.get("hops_ms") or {}
-    hop = hops.get("tunnel") or hops.get("upstream")
+    hop = (hops.get("net_edge_worker") or hops.get("net_edge_direct")
+           or hops.get("tunnel") or (hops.get("upstream") if "agent" not in hops else None))
     p50 = hop.get("p50") if isinstance(hop, dict) else None
     return float(p50) if isinstance(p50, int | float) else None
 
@@ -380,8 +385,30 @@ def run_timeout(a: argparse.Namespace) -> float:
     return 120.0 + 3 * float(a.seconds)
 
 
+def load_runs(directory: Path) -> list[Run]:
+    """The runs an earlier bench left in `directory` (runs.json and each result)."""
+    runs = []
+    for entry in json.loads((directory / "runs.json").read_text()):
+        path, _, test = entry["label"].partition(" ")
+        run = Run(path, test, [], json.loads((directory / entry["file"]).read_text()), entry["cpu_s"])
+        runs.append(run)
+    return runs
+
+
+def report_again(directory: Path) -> int:
+    try:
+        runs = load_runs(directory)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"wss_vs_vpn: {directory} holds no bench results ({exc})", file=sys.stderr)
+        return 2
+    print(markdown(table(runs)))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.report is not None:
+        return report_again(a.report)
     if (why := vpnlab.missing()) is not None:
         print(f"wss_vs_vpn: {why}", file=sys.stderr)
         return 2

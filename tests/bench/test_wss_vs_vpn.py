@@ -69,3 +69,23 @@ def test_report_rows_from_results() -> None:
     text = bench.markdown(bench.table(runs))
     assert text.splitlines()[0] == "|  | WSS tunnel | WireGuard |"
     assert "| echo: latency p50 / p99 ms | 55.0 / 68.9 | 55.0 / 68.9 |" in text
+
+
+def test_leg_prefers_the_load_tester_s_derived_hops() -> None:
+    assert bench.leg_ms({"hops_ms": {"tunnel": {"p50": 50}, "agent": {"p50": 6}, "upstream": {"p50": 5},
+                                     "net_edge_worker": {"p50": 44}}}) == 44
+    assert bench.leg_ms({"hops_ms": {"upstream": {"p50": 49}, "net_edge_direct": {"p50": 43}}}) == 43
+    assert bench.leg_ms({"hops_ms": {"upstream": {"p50": 49}}}) == 49
+    assert bench.leg_ms({"hops_ms": {"upstream": {"p50": 5}, "agent": {"p50": 6}}}) is None  # the agent's own
+
+
+def test_report_again_from_a_saved_run(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    (tmp_path / "wss-echo.json").write_text(json.dumps({"requests": 10, "latency_ms": {"p50": 1.0, "p99": 2.0}}))
+    (tmp_path / "runs.json").write_text(json.dumps([{"label": "wss echo", "file": "wss-echo.json",
+                                                     "cpu_s": {"edge": 0.01, "link": 0.02}}]))
+    assert bench.main(["--report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| echo: latency p50 / p99 ms | 1.0 / 2.0 | - |" in out and "| 1.00 / 2.00 | - |" in out
+    assert bench.main(["--report", str(tmp_path / "nothing")]) == 2
