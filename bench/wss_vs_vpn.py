@@ -11,7 +11,7 @@ The WAN of the edge<->worker leg is deploy/netns/delay_relay.py in the router
 namespace, TCP mode for the agents' tunnels and UDP mode for WireGuard, with
 the same delay law (default 20 +/- 5 ms each way, order kept) and optional
 --loss (UDP: datagrams dropped; TCP: the relay's retransmission model, a
-chunk 200 ms late; see its --help). The worker's servers: the real inference
+chunk with a lost 1448-byte segment --rto-ms late; see its --help). The worker's servers: the real inference
 server (POST /photo), the relay tests' upstream (GET /, known delay
 --echo-delay-ms) and the WebSocket test server (/delay?ms=D, frames answered
 D ms after arrival), each in a `wss-*` pool (three agents) and a `vpn-*` pool
@@ -96,6 +96,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--jitter-ms", type=_non_negative, default=5.0, help="+/- uniform jitter (default: 5)")
     ap.add_argument("--loss", type=_non_negative, default=0.0, metavar="PCT",
                     help="WAN loss in %% each way (UDP drops; TCP: the relay's retransmission model) (default: 0)")
+    ap.add_argument("--rto-ms", type=_positive, default=200.0,
+                    help="TCP relay's cost of a lost segment (its loss model; default: 200, Linux's minimum RTO)")
     ap.add_argument("--seconds", type=_positive, default=10.0, help="measured seconds per run (default: 10)")
     ap.add_argument("--rate", type=_positive, default=20.0, help="requests/s on the echo, open loop (default: 20)")
     ap.add_argument("--concurrency", type=int, default=1, help="requests in flight on the inference server "
@@ -317,7 +319,7 @@ def lab(a: argparse.Namespace, workdir: Path) -> Iterator[tuple[Lab, str, str, s
         law = ["--delay-ms", f"{a.delay_ms:g}", "--jitter-ms", f"{a.jitter_ms:g}", "--loss", f"{a.loss:g}",
                "--seed", str(a.seed)]
         t.start("relay-tcp", "router", [PY, str(RELAY), f"{ROUTER}:{RELAY_TCP}", f"{EDGE_ROUTER_SIDE}:{EDGE_PORT}",
-                                        *law])
+                                        *law, "--rto-ms", f"{a.rto_ms:g}"])
         t.start("relay-udp", "router", [PY, str(RELAY), f"{ROUTER}:{RELAY_UDP}", f"{EDGE_ROUTER_SIDE}:{WG_PORT}",
                                         "--udp", *law])
         wg_iface = f"{t.p}w"
@@ -429,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "compare.txt").write_text(compare.stdout)
     (out / "runs.json").write_text(json.dumps([{"label": r.label, "cpu_s": r.cpu_s, "file": r.file} for r in runs],
                                               indent=2))
-    loss = f", loss {a.loss:g}% each way" if a.loss else ""
+    loss = f", loss {a.loss:g}% each way (TCP: a lost segment costs {a.rto_ms:g} ms)" if a.loss else ""
     loss += ", tcp_slow_start_after_idle=0" if a.no_idle_restart else ""
     print(f"WAN on the edge<->worker leg: {a.delay_ms:g} +/- {a.jitter_ms:g} ms each way{loss}; "
           f"{a.seconds:g} s per run; echo delay {a.echo_delay_ms:g} ms; stream frames {a.frame_bytes} B, deadline "

@@ -20,10 +20,13 @@ reordered packets within its replay window).
 
 Loss (--loss PCT): UDP drops that share of datagrams at random, each
 direction on its own. For TCP a relay cannot drop bytes (the stream would be
-corrupt); there, a "lost" chunk stands for a lost segment that TCP
-retransmits: it and everything after it on that connection arrive --rto-ms
-later (head-of-line blocking; 200 ms is Linux's minimum retransmission
-timeout). That is a model, not TCP's own recovery: say so next to any figure.
+corrupt); there, each chunk counts as ceil(bytes / 1448) segments, each
+"lost" with the same probability, and a chunk with a lost segment arrives
+--rto-ms later together with everything after it on that connection
+(head-of-line blocking; 200 ms is Linux's minimum retransmission timeout, the
+worst case: a real TCP often recovers a segment lost mid-burst in about one
+round trip by fast retransmit). That is a model, not TCP's own recovery: say
+so next to any figure.
 
 usage: python delay_relay.py LISTEN_HOST:PORT TARGET_HOST:PORT --delay-ms 20 --jitter-ms 5 [--udp] [--loss PCT]
 """
@@ -44,6 +47,7 @@ from dataclasses import dataclass
 # early and spin the rest of the way.
 EARLY = 0.001
 MAX_DATAGRAM = 65535
+SEGMENT = 1448  # bytes of TCP payload in one 1500-byte packet (with timestamps): the unit of TCP --loss
 
 
 @dataclass
@@ -64,9 +68,12 @@ class Law:
         due = now + max(0.0, self.delay + rng.uniform(-self.jitter, self.jitter))
         return due if self.reorder else max(due, last_due)
 
-    def due_stream(self, now: float, last_due: float, rng: random.Random) -> float:
-        """TCP: never dropped, never reordered; a loss costs one retransmission timeout."""
-        extra = self.rto if self.loss and rng.random() < self.loss else 0.0
+    def due_stream(self, now: float, last_due: float, rng: random.Random, size: int = SEGMENT) -> float:
+        """TCP: never dropped, never reordered. A chunk of `size` bytes stands for ceil(size / SEGMENT)
+        segments, each lost with the loss probability (the same per-packet rate as the UDP mode); a
+        chunk with a lost segment costs one retransmission timeout."""
+        segments = max(1, -(-size // SEGMENT))
+        extra = self.rto if self.loss and rng.random() < 1 - (1 - self.loss) ** segments else 0.0
         return max(last_due, now + max(0.0, self.delay + rng.uniform(-self.jitter, self.jitter)) + extra)
 
 
@@ -98,7 +105,7 @@ async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, law: 
     try:
         while True:
             data = await reader.read(65536)
-            last_due = law.due_stream(time.monotonic(), last_due, rng)
+            last_due = law.due_stream(time.monotonic(), last_due, rng, len(data))
             await queue.put((last_due, data))
             if not data:
                 break
@@ -269,8 +276,9 @@ def parser() -> argparse.ArgumentParser:
                     help="plus a uniform random amount in [-J, +J] per chunk/datagram (default: 5)")
     ap.add_argument("--udp", action="store_true", help="relay UDP datagrams instead of TCP connections")
     ap.add_argument("--loss", type=percent, default=0.0, metavar="PCT",
-                    help="UDP: drop this share of datagrams, each direction (default: 0). TCP: this share of chunks "
-                         "arrives --rto-ms late with everything after it (a retransmitted segment), nothing dropped")
+                    help="UDP: drop this share of datagrams, each direction (default: 0). TCP: each 1448-byte segment "
+                         "is 'lost' with this probability and its chunk arrives --rto-ms late with everything after "
+                         "it (a retransmission), nothing dropped")
     ap.add_argument("--rto-ms", type=float, default=200.0,
                     help="TCP --loss only: the retransmission timeout a lost chunk costs (default: 200)")
     ap.add_argument("--reorder", action="store_true",

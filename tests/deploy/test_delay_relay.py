@@ -53,9 +53,12 @@ def test_law_drops_the_given_share_and_tcp_pays_a_retransmission_instead() -> No
     law = relay_mod.Law(delay=0.010, jitter=0.0, loss=0.25, rto=0.2)
     dropped = sum(law.due(0.0, 0.0, rng) is None for _ in range(10_000))
     assert 2200 < dropped < 2800
-    late = [law.due_stream(0.0, 0.0, rng) for _ in range(10_000)]
+    late = [law.due_stream(0.0, 0.0, rng, 1000) for _ in range(10_000)]  # one segment per chunk
     assert set(round(x, 6) for x in late) == {0.010, 0.210}
     assert 2200 < sum(x > 0.1 for x in late) < 2800
+    # A 10-segment chunk is hit when any of its segments is: 1 - 0.75 ** 10 = 94 %.
+    big = [law.due_stream(0.0, 0.0, rng, 10 * relay_mod.SEGMENT) for _ in range(10_000)]
+    assert 9200 < sum(x > 0.1 for x in big) < 9700
     # A late chunk holds back the one after it: order on a byte stream.
     assert law.due_stream(0.001, 0.210, rng) >= 0.210
 
