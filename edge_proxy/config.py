@@ -110,6 +110,10 @@ class EdgeConfig:
     directs: str | None = option(None, group=DIRECT, metavar="FILE",
                                  help="a file of direct workers, one POOL=URL[,...] per line, '#' comments; "
                                       "re-read on SIGHUP (added ones join, removed ones drain and leave)")
+    direct_keepalive: float = option(4.0, group=DIRECT, parse=parse_positive_seconds,
+                                     help="seconds an idle connection to a direct worker is kept for reuse; keep it "
+                                          "below the worker server's own keep-alive (uvicorn 5, aiohttp 75) so that "
+                                          "the worker never closes one just as the edge reuses it")
     direct_connect_timeout: float = option(2.0, group=DIRECT, parse=parse_positive_seconds,
                                            help="seconds the edge may take to connect to a direct worker; then "
                                                 "the request is tried on another worker")

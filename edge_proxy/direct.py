@@ -38,7 +38,6 @@ OWNER = "--direct"
 # Connections beyond the capacity: one for the health check, one for a
 # request that is being retried while its predecessor's connection closes.
 SPARE_CONNECTIONS = 2
-KEEPALIVE_TIMEOUT = 30.0  # an idle pooled connection is closed after this (the worker may close it sooner)
 # aiohttp's client adds these when absent; the worker should see the client's headers only.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
@@ -53,7 +52,7 @@ class DirectSession:
         self.spec = spec
         self.state = state
         cfg = state.config
-        connector = aiohttp.TCPConnector(limit=spec.capacity + SPARE_CONNECTIONS, keepalive_timeout=KEEPALIVE_TIMEOUT)
+        connector = aiohttp.TCPConnector(limit=spec.capacity + SPARE_CONNECTIONS, keepalive_timeout=cfg.direct_keepalive)
         self.client = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=cfg.direct_connect_timeout),
@@ -207,6 +206,9 @@ class DirectSession:
         except aiohttp.ClientError as exc:
             self._silent = False
             return False, f"GET {path}: {type(exc).__name__} {exc}"
+        except (OSError, ValueError, RuntimeError) as exc:  # never end the check loop: a silent one would
+            self._silent = False
+            return False, f"GET {path}: {exc!r}"  # leave the worker in its last state for good
         self._silent = False  # an answer, even a 503: the worker is there (busy or draining), not gone
         if 200 <= r.status < 300:
             return True, ""

@@ -43,11 +43,14 @@ Headers = tuple[tuple[str, str], ...]
 
 class _Body:
     """The client's body as aiohttp's client sends it, remembering why it
-    stopped (aiohttp reports any failure of a body as a connection error)."""
+    stopped (aiohttp reports any failure of a body as a connection error).
+    A client that cuts its upload off is counted and logged here, once, as
+    for a tunnel (upload.py), whether or not the handler is still waiting."""
 
-    def __init__(self, body: RequestBody) -> None:
-        self.body = body
+    def __init__(self, state: EdgeState, body: RequestBody, request_id: str, session: DirectSession) -> None:
+        self.state, self.body, self.request_id, self.session = state, body, request_id, session
         self.failure: BodyStalled | BodyTooLarge | None = None
+        self.client_gone = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
@@ -55,6 +58,12 @@ class _Body:
                 yield chunk
         except (BodyStalled, BodyTooLarge) as exc:
             self.failure = exc
+            raise
+        except OSError as exc:  # ConnectionResetError and kin: the client is gone
+            self.client_gone = True
+            self.state.metrics.upload_aborts.labels(self.session.spec.pool).inc()
+            log.info("request %s: the client aborted its upload to worker %s after %d bytes (%s)", self.request_id,
+                     self.session.spec.id, self.body.read, str(exc) or exc.__class__.__name__)
             raise
 
 
@@ -72,7 +81,7 @@ async def exchange(state: EdgeState, request: web.Request, request_id: str, sess
     worker_id = session.spec.id
     request[WORKER] = worker_id  # for the inspector; the last attempt's worker wins
     headers = [(n, v) for n, v in head.headers if n.lower() != "transfer-encoding"]  # aiohttp chunks by itself
-    upload = _Body(body) if has_body else None
+    upload = _Body(state, body, request_id, session) if has_body else None
     with session.using():
         t_sent = time.monotonic()
         slot = Waiting()
@@ -99,6 +108,8 @@ async def exchange(state: EdgeState, request: web.Request, request_id: str, sess
             return (error_response(504, "upstream_timeout", f"worker {worker_id} sent no response within "
                                    f"{cfg.upstream_timeout:g} s", request_id), Outcome.FAILED, None)
         except aiohttp.ClientError as exc:
+            if upload is not None and upload.client_gone:
+                raise asyncio.CancelledError() from None  # nobody to answer; says nothing of the worker
             if upload is not None and isinstance(upload.failure, BodyStalled):
                 state.metrics.rejections.labels("body_stalled").inc()
                 return (error_response(408, "body_timeout", f"the request body stalled for "

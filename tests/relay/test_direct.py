@@ -61,6 +61,10 @@ async def test_direct_worker_serves_get_post_large_bodies_and_streams_with_upstr
     async with http.get(edge + "/bytes/5000000", headers=system.auth()) as r:  # streamed, not buffered
         data = await r.read()
         assert r.status == 200 and data == bytes(i % 251 for i in range(5_000_000))
+    async with http.head(edge + "/bytes/1000", headers=system.auth()) as r:
+        assert r.status == 200 and r.headers["Content-Length"] == "1000" and await r.read() == b""
+    async with http.get(edge + "/pools/default/bytes/10", headers=system.auth()) as r:  # the pool prefix
+        assert r.status == 200 and len(await r.read()) == 10
     async with http.get(edge + "/sse", headers=system.auth()) as r:
         first = await asyncio.wait_for(r.content.readline(), 5)  # before the upstream finishes
         assert first.startswith(b"data:"), first
@@ -167,6 +171,32 @@ async def test_connect_refused_is_retried_on_another_worker_even_for_post(system
     assert total(text, 'edge_direct_connect_failures_total{pool="default"}') >= 1, text
     # Refused connections count as failed checks: d1 is down without waiting 30 s.
     assert not (await system.workers(edge))["d1"]["available"]
+
+
+async def test_connection_lost_before_the_answer_is_retried_elsewhere_only_for_idempotent_methods(system: System):
+    _, up1 = await system.upstream("up1")
+    _, up2 = await system.upstream("up2")
+    # Room on both, so that a retry always finds a free slot on the other.
+    _, edge = await system.edge("edge", None, "--consecutive-failures", "100",
+                                *direct("default", up1, "d1", "capacity=16"), *direct("default", up2, "d2", "capacity=16"))
+    await system.wait_available(edge, ["d1", "d2"])
+    survivor = await pid_of(system, up2)  # d1 closes every such connection without answering
+    http = system.http()
+
+    async def send(method: str) -> tuple[int, str]:
+        async with http.request(method, edge + f"/drop-unless/{survivor}", data=b"x", headers=system.auth()) as r:
+            body = await r.read()
+            return r.status, (r.headers.get("X-Upstream-Pid", "") if r.status == 200 else body.decode())
+
+    gets = await asyncio.gather(*(send("GET") for _ in range(12)))
+    assert all(st == 200 and pid == survivor for st, pid in gets), gets
+    posts = await asyncio.gather(*(send("POST") for _ in range(12)))
+    failed = [body for st, body in posts if st != 200]
+    # A POST may have been processed: never sent twice, 502 worker_failed instead.
+    assert failed and all('"worker_failed"' in b for b in failed), posts
+    assert all(st in (200, 502) for st, _ in posts), posts
+    text = await metrics_text(system, edge)
+    assert total(text, "edge_retries_total") >= 1, text
 
 
 async def test_connect_refused_with_no_other_worker_is_502_worker_unavailable(system: System):

@@ -11,6 +11,8 @@ import ssl
 import struct
 import time
 
+import pytest
+
 from bench.procstats import labelled
 from tests.harness import System, wait_for
 
@@ -137,10 +139,12 @@ async def test_worker_checked_at_its_declared_health_path_stays_served(system: S
     assert "GET /healthz -> 404" in shown["w2"]["health_detail"]  # the inspector says why too
 
 
-async def test_client_aborting_a_large_upload_is_counted_not_an_asyncio_error(system: System):
+@pytest.mark.parametrize("kind", ["tunnel", "direct"])
+async def test_client_aborting_a_large_upload_is_counted_not_an_asyncio_error(system: System, kind: str):
     _, up = await system.upstream()
-    edge_p, edge = await system.edge()
-    system.agent("w1", edge, up)
+    edge_p, edge = await system.edge("edge", None, *(["--direct", f"default={up},id=w1"] if kind == "direct" else []))
+    if kind == "tunnel":
+        system.agent("w1", edge, up)
     await system.wait_available(edge, ["w1"])
     host, port = edge.removeprefix("https://").split(":")
     ctx = ssl.create_default_context(cafile=str(system.pki.ca))
@@ -171,3 +175,5 @@ async def test_client_aborting_a_large_upload_is_counted_not_an_asyncio_error(sy
     log = edge_p.log()
     assert "Task exception was never retrieved" not in log, log
     assert "the client aborted its upload" in log
+    w1 = (await system.workers(edge))["w1"]
+    assert w1["errors"] == 0 and w1["health"] == "healthy", w1  # the client's abort says nothing of the worker

@@ -12,7 +12,9 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 
-from tests.harness import System, wait_for
+import pytest
+
+from tests.harness import Proc, System, wait_for
 
 
 def total(text: str, name: str) -> float:
@@ -26,17 +28,29 @@ async def metrics_text(system: System, edge: str) -> str:
         return await r.text()
 
 
-async def test_burst_on_shedding_workers_ejects_nobody_and_the_pool_serves_right_after(system: System):
+async def pool_of(system: System, kind: str, upstreams: dict[str, str], *edge_args: str,
+                  capacity: int = 8) -> tuple[Proc, str]:
+    """An edge whose pool `default` has one worker per upstream, by name:
+    agents through tunnels, or direct workers the edge dials (--direct)."""
+    direct = [a for name, up in upstreams.items()
+              for a in ("--direct", f"default={up},id={name},capacity={capacity}")] if kind == "direct" else []
+    proc, edge = await system.edge("edge", None, *edge_args, *direct)
+    if kind == "tunnel":
+        for name, up in upstreams.items():
+            system.agent(name, edge, up, capacity=capacity)
+    await system.wait_available(edge, list(upstreams))
+    return proc, edge
+
+
+@pytest.mark.parametrize("kind", ["tunnel", "direct"])
+async def test_burst_on_shedding_workers_ejects_nobody_and_the_pool_serves_right_after(system: System, kind: str):
     _, up1 = await system.upstream("up1")
     _, up2 = await system.upstream("up2")
     # No per-key rate limit: the clients below retry at once, as fast as they can.
-    _, edge = await system.edge("edge", None, "--rate-limit", "0")
     # Capacity 8 advertised, but each upstream takes only 2 at once and sheds
     # the rest with 503 + Retry-After, as the inference server does when its
     # queue is full.
-    system.agent("w1", edge, up1, capacity=8)
-    system.agent("w2", edge, up2, capacity=8)
-    await system.wait_available(edge, ["w1", "w2"])
+    _, edge = await pool_of(system, kind, {"w1": up1, "w2": up2}, "--rate-limit", "0", capacity=8)
     http = system.http()
     for up in (up1, up2):
         async with http.get(up + "/set-shed/2") as r:
@@ -194,17 +208,16 @@ async def test_three_failing_workers_lose_at_most_one_to_ejection(system: System
     assert capped == set(names) - set(ejected), log[-3000:]
 
 
-async def test_max_ejection_percent_100_allows_all_but_the_last_available_worker(system: System):
-    _, edge = await system.edge("edge", None, "--consecutive-failures", "3", "--base-ejection-time", "60",
-                                "--max-ejection-percent", "100")
+@pytest.mark.parametrize("kind", ["tunnel", "direct"])
+async def test_max_ejection_percent_100_allows_all_but_the_last_available_worker(system: System, kind: str):
     http = system.http()
     names = ["w1", "w2", "w3"]
-    for name in names:
-        _, up = await system.upstream("up-" + name)
-        system.agent(name, edge, up)
+    ups = {name: (await system.upstream("up-" + name))[1] for name in names}
+    for up in ups.values():
         async with http.get(up + "/set-fail/on") as r:
             assert r.status == 200
-    await system.wait_available(edge, names)
+    _, edge = await pool_of(system, kind, ups, "--consecutive-failures", "3", "--base-ejection-time", "60",
+                            "--max-ejection-percent", "100")
 
     async def get() -> int:
         async with http.get(edge + "/", headers=system.auth()) as r:

@@ -136,6 +136,17 @@ async def set_delay(request: web.Request) -> web.Response:
     return web.Response(text="set")
 
 
+async def drop_unless(request: web.Request) -> web.Response:
+    """Answers only in the process named by its pid; every other one closes
+    the connection without a byte of answer (a worker lost mid-request)."""
+    await request.read()
+    if request.match_info["pid"] != str(os.getpid()):
+        assert request.transport is not None
+        request.transport.abort()
+        raise asyncio.CancelledError
+    return web.Response(text=str(os.getpid()), headers={"X-Upstream-Pid": str(os.getpid())})
+
+
 async def crash(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Length": "1000000"})
     await resp.prepare(request)
@@ -213,6 +224,7 @@ def make_app() -> web.Application:
     app.router.add_get(HEALTH_PATH, healthz)
     app.router.add_get("/set-health/{value}", set_health)
     app.router.add_get("/crash", crash)
+    app.router.add_route("*", "/drop-unless/{pid}", drop_unless)
     app.router.add_get("/set-fail/{value}", set_fail)
     app.router.add_get("/set-delay/{ms}", set_delay)
     app.router.add_get("/ws", ws_echo)
