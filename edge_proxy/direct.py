@@ -23,6 +23,7 @@ from yarl import URL
 
 from .direct_spec import DirectSpec, DirectSpecError, load
 from .health import WorkerHealth, check_delay
+from .outcome import Waiting
 from .state import STATE, EdgeState
 
 if TYPE_CHECKING:
@@ -67,6 +68,9 @@ class DirectSession:
         self._idle.set()
         self._checks: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
+        # Requests waiting for their response head, ended when the worker goes silent (_abandon_waiting).
+        self._waiting: dict[Waiting, asyncio.Timeout] = {}
+        self._silent = False  # the last failed check or connect got no answer at all (not a status)
 
     # ------------------------------------------------ registry.TunnelSession
     @property
@@ -110,6 +114,24 @@ class DirectSession:
             if self.active == 0:
                 self._idle.set()
 
+    @contextmanager
+    def waiting(self, slot: Waiting, deadline: asyncio.Timeout) -> Iterator[None]:
+        """A request waiting for the worker's response head: if the worker goes silent meanwhile
+        (checks unanswered, the VPN path gone), its deadline is brought forward to now."""
+        self._waiting[slot] = deadline
+        try:
+            yield
+        finally:
+            self._waiting.pop(slot, None)
+
+    def _abandon_waiting(self, why: str) -> None:
+        """The worker stopped answering: a request still waiting for its head would otherwise hang
+        until --upstream-timeout (a tunnel's requests end with the tunnel; these end here)."""
+        now = asyncio.get_running_loop().time()
+        for slot, deadline in list(self._waiting.items()):
+            slot.abandoned = why
+            deadline.reschedule(now)
+
     async def close(self, grace: float) -> None:
         """Wait up to `grace` for the open requests, then close the pool."""
         self._draining = True
@@ -134,6 +156,7 @@ class DirectSession:
 
     def unreachable(self, error: str) -> None:
         """Real traffic could not connect: as telling as a failed check, and sooner."""
+        self._silent = True
         self.state.metrics.direct_connect_failures.labels(self.spec.pool).inc()
         self._record(False, error)
 
@@ -154,6 +177,10 @@ class DirectSession:
         elif before != h.checks_healthy or (error and error != before_error):
             log.info("direct worker %s active check: %s %s", w.agent_id,
                      "healthy" if h.checks_healthy else "UNHEALTHY", error)
+        if before and not h.checks_healthy and self._silent and self._waiting:
+            log.warning("direct worker %s went silent (%s): ending %d request(s) still waiting for its answer",
+                        w.agent_id, error, len(self._waiting))
+            self._abandon_waiting(error)
         self.state.registry.wake(w.pool)
 
     async def _health_checks(self) -> None:
@@ -171,13 +198,18 @@ class DirectSession:
                                            allow_redirects=False) as r:
                     await r.read()
         except TimeoutError:
+            self._silent = True
             return False, f"GET {path}: no answer within {timeout:g} s"
         except aiohttp.ClientConnectorError as exc:
+            self._silent = True
             return False, f"GET {path}: cannot connect to {self.spec.url}: {exc.os_error.strerror or exc}"
         except aiohttp.ClientError as exc:
+            self._silent = False
             return False, f"GET {path}: {type(exc).__name__} {exc}"
         except (OSError, ValueError, RuntimeError) as exc:  # never end the check loop: a silent one would
+            self._silent = False
             return False, f"GET {path}: {exc!r}"  # leave the worker in its last state for good
+        self._silent = False  # an answer, even a 503: the worker is there (busy or draining), not gone
         if 200 <= r.status < 300:
             return True, ""
         return False, f"GET {path} -> {r.status}"

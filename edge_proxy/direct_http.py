@@ -27,7 +27,7 @@ from tunnel import RequestHead
 from .errors import error_response
 from .heads import RESPONSE_DROP, undecodable_header
 from .inspector import WORKER
-from .outcome import IDEMPOTENT, NO_BODY_STATUSES, Outcome, RetryElsewhere
+from .outcome import IDEMPOTENT, NO_BODY_STATUSES, Outcome, RetryElsewhere, Waiting
 from .overload import is_load_signal
 from .upload import BodyStalled, BodyTooLarge, RequestBody
 
@@ -84,11 +84,13 @@ async def exchange(state: EdgeState, request: web.Request, request_id: str, sess
     upload = _Body(state, body, request_id, session) if has_body else None
     with session.using():
         t_sent = time.monotonic()
+        slot = Waiting()
         try:
-            async with asyncio.timeout(cfg.upstream_timeout):
-                resp = await session.client.request(
-                    head.method, session.url(head.target), headers=headers, allow_redirects=False,
-                    data=upload.chunks() if upload is not None else None)
+            async with asyncio.timeout(cfg.upstream_timeout) as deadline:
+                with session.waiting(slot, deadline):
+                    resp = await session.client.request(
+                        head.method, session.url(head.target), headers=headers, allow_redirects=False,
+                        data=upload.chunks() if upload is not None else None)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             why = f"cannot connect: {exc}"
             session.unreachable(why)
@@ -96,6 +98,13 @@ async def exchange(state: EdgeState, request: web.Request, request_id: str, sess
                      why)
             raise RetryElsewhere() from None
         except TimeoutError:
+            if slot.abandoned:  # the worker went silent while this request waited (e.g. its VPN path died)
+                if request.method in IDEMPOTENT and (not has_body or body.replayable):
+                    log.info("request %s: direct worker %s went silent before answering (%s); retrying elsewhere",
+                             request_id, worker_id, slot.abandoned)
+                    raise RetryElsewhere() from None
+                return (error_response(502, "worker_failed", f"worker {worker_id} stopped answering before it "
+                                       f"answered this request: {slot.abandoned}", request_id), Outcome.FAILED, None)
             return (error_response(504, "upstream_timeout", f"worker {worker_id} sent no response within "
                                    f"{cfg.upstream_timeout:g} s", request_id), Outcome.FAILED, None)
         except aiohttp.ClientError as exc:

@@ -6,6 +6,7 @@ that a request was never processed and may go to another worker."""
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 NO_BODY_STATUSES = frozenset({204, 304})
 # Methods retried after a connection or tunnel was lost mid-request: the
@@ -24,3 +25,10 @@ class Outcome(enum.Enum):
     OK = "ok"
     FAILED = "failed"  # 5xx, timeout, broken response: counts towards ejection
     SHED = "shed"  # 503 + Retry-After or 429: busy, not broken (overload.is_load_signal)
+
+
+@dataclass(eq=False)
+class Waiting:
+    """One request waiting for a direct worker's response head (direct.DirectSession.waiting)."""
+
+    abandoned: str = ""  # why the edge stopped waiting (the worker went silent), else empty

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import ssl
 import sys
 import time
@@ -132,4 +133,6 @@ if __name__ == "__main__":
     if len(sys.argv) >= 5 and sys.argv[2] == "--tls":
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(sys.argv[3], sys.argv[4])
-    web.run_app(make_app(), host="127.0.0.1", port=port, ssl_context=ctx, access_log=None, print=None)
+    # WSSERVER_HOST: another address to listen on (bench/wss_vs_vpn.py: every address of a namespace).
+    host = os.environ.get("WSSERVER_HOST", "127.0.0.1")
+    web.run_app(make_app(), host=host, port=port, ssl_context=ctx, access_log=None, print=None)

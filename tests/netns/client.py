@@ -7,6 +7,7 @@ import asyncio
 import json
 import ssl
 import sys
+import time
 
 import aiohttp
 
@@ -27,13 +28,15 @@ async def main(url: str, key: str, ca: str, count: int, pool: str) -> None:
     ctx = ssl.create_default_context(cafile=ca)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as http:
         for _ in range(count):
+            start = time.monotonic()
             try:
                 async with http.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=10)) as r:
                     body = await r.read()
                     print(json.dumps({"status": r.status, "timing": timings(r.headers.get("Server-Timing", "")),
-                                      "body": body[:2000].decode(errors="replace")}), flush=True)
+                                      "body": body[:2000].decode(errors="replace"),
+                                      "elapsed_s": time.monotonic() - start}), flush=True)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                print(json.dumps({"status": 0, "error": repr(exc)}), flush=True)
+                print(json.dumps({"status": 0, "error": repr(exc), "elapsed_s": time.monotonic() - start}), flush=True)
 
 
 if __name__ == "__main__":
