@@ -121,7 +121,7 @@ def merge_workers(snaps: list[dict[str, Any]]) -> list[dict[str, Any]]:
         proc = str(snap.get("process", 0))
         for w in snap.get("workers", []):
             wid = w["id"]
-            part = {"tunnels": w["tunnels"], "in_flight": w["in_flight"], "capacity": w["capacity"],
+            part = {"tunnels": w["tunnels"], "in_flight": w["in_flight"], "served": w["served"], "capacity": w["capacity"],
                     "health": w["health"], "available": w["available"], "pid": snap.get("pid")}
             age = w.get("check_age_s")
             age_key = float("inf") if age is None else float(age)

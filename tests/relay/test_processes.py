@@ -1,0 +1,140 @@
+"""`edge-proxy serve --processes 2` as real processes: a supervisor, two edge
+processes sharing the port, one agent holding a tunnel to each, one merged
+picture, a child killed and restarted, SIGTERM draining everything."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any
+
+import aiohttp
+
+from tests.harness import ROOT, System, free_port, wait_for
+
+
+async def merged(system: System, edge: str) -> dict[str, Any]:
+    async with system.http().get(edge + "/_edge/workers", headers=system.auth()) as r:
+        assert r.status == 200
+        return dict(await r.json())
+
+
+def tunnels_by_process(data: dict[str, Any], worker: str) -> dict[str, Any]:
+    ws = {w["id"]: w for w in data["workers"]}
+    return dict(ws[worker]["processes"]) if worker in ws else {}
+
+
+async def wait_both_held(system: System, edge: str, worker: str, timeout: float = 40) -> dict[str, Any]:
+    """Until the merged view shows `worker` with a tunnel in service at both processes."""
+    seen: dict[str, Any] = {}
+
+    async def both() -> bool:
+        nonlocal seen
+        seen = await merged(system, edge)
+        parts = tunnels_by_process(seen, worker)
+        return set(parts) == {"0", "1"} and all(p["tunnels"] and p["available"] for p in parts.values())
+
+    await wait_for(both, timeout, lambda: f"tunnels of {worker} at both processes: {seen}\n{system.logs()}")
+    return seen
+
+
+async def test_agent_reaches_both_processes_and_the_kernel_spreads_clients(system: System) -> None:
+    _, up = await system.upstream()
+    edge_proc, edge = await system.edge("edge", None, "--processes", "2")
+    agent = system.agent("w1", edge, up)
+    data = await wait_both_held(system, edge, "w1")
+    assert [w["id"] for w in data["workers"]] == ["w1"]  # one worker, from both processes
+    assert data["edge"]["processes"] == 2 and data["edge"]["missing"] == []
+    w = data["workers"][0]
+    assert w["capacity"] == 8  # as the agent announced; each process admits 4
+    assert {p["capacity"] for p in w["processes"].values()} == {4}
+
+    # Fresh connections each time, so the kernel picks a process for each.
+    ctx = system.pki.client_ssl()
+    statuses: list[int] = []
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        async with session.get(edge + "/", headers=system.auth()) as r:
+            await r.read()
+            statuses.append(r.status)
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, force_close=True, limit=8)) as s:
+        await asyncio.gather(*(one(s) for _ in range(80)))
+    assert statuses == [200] * 80
+    parts = tunnels_by_process(await merged(system, edge), "w1")
+    served = {p: parts[p]["served"] for p in parts}
+    assert all(n > 0 for n in served.values()), served  # both processes carried requests
+    assert sum(served.values()) >= 80
+    async with system.http().get(edge + "/_edge/metrics", headers=system.auth()) as r:
+        text = await r.text()
+    assert 'edge_processes{state="answered"} 2.0' in text
+    assert 'edge_requests_total{pool="default",status="200"}' in text  # counters of both processes, summed
+    total = next(float(line.split()[-1]) for line in text.splitlines()
+                 if line.startswith('edge_requests_total{pool="default",status="200"}'))
+    assert total >= 80
+    assert "tunnels to edge" in agent.log() and "processes 2/2" in agent.log()
+    assert edge_proc.alive()
+
+
+async def test_a_killed_process_is_restarted_and_the_agent_takes_its_tunnel_back(system: System) -> None:
+    _, up = await system.upstream()
+    edge_proc, edge = await system.edge("edge", None, "--processes", "2")
+    agent = system.agent("w1", edge, up)
+    data = await wait_both_held(system, edge, "w1")
+    old_pid = tunnels_by_process(data, "w1")["1"]["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+
+    async def restarted() -> bool:
+        parts = tunnels_by_process(await merged(system, edge), "w1")
+        return "1" in parts and parts["1"]["pid"] != old_pid and bool(parts["1"]["tunnels"])
+
+    await wait_for(restarted, 60, lambda: f"process 1 restarted and re-held\n{system.logs()}")
+    assert "edge process 1" in edge_proc.log() and "restarting it" in edge_proc.log()
+    assert "(missing 1)" in agent.log()  # the agent noticed and took back only the missing index
+    await wait_both_held(system, edge, "w1")
+    async with system.http().get(edge + "/", headers=system.auth()) as r:
+        assert r.status == 200
+
+
+async def test_sigterm_to_the_supervisor_drains_every_process_and_exits_0(system: System) -> None:
+    _, up = await system.upstream()
+    edge_proc, edge = await system.edge("edge", None, "--processes", "2")
+    system.agent("w1", edge, up)
+    data = await wait_both_held(system, edge, "w1")
+    pids = [p["pid"] for p in tunnels_by_process(data, "w1").values()]
+    # A slow request in flight while the edge is told to stop: it finishes.
+    async with system.http().get(up + "/set-delay/1500") as r:
+        assert r.status == 200
+    slow = asyncio.create_task(system.http().get(edge + "/", headers=system.auth()))
+    await asyncio.sleep(0.3)  # let it reach the worker (the edge drains what is in flight)
+    edge_proc.signal(signal.SIGTERM)
+    resp = await slow
+    assert resp.status == 200
+    resp.release()
+    code = await asyncio.to_thread(edge_proc.p.wait, 30)
+    assert code == 0, edge_proc.log()
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}"), f"edge process {pid} outlived its supervisor"
+    assert "all 2 edge processes stopped" in edge_proc.log()
+
+
+def test_port_taken_is_one_line_and_exit_2(system: System, tmp_path: Any) -> None:
+    port = free_port()
+    pk = system.pki
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        r = subprocess.run([sys.executable, "-m", "edge_proxy", "serve", "--listen", f"127.0.0.1:{port}", "--cert",
+                            str(pk.cert), "--key", str(pk.key), "--client-keys", str(pk.client_keys),
+                            "--worker-tokens", str(pk.worker_tokens), "--processes", "2"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: port {port} on 127.0.0.1 is already in use; stop the other process or choose "
+                      "another with --listen"], r.stderr
+
+
