@@ -155,7 +155,9 @@ def overview(state: EdgeState, now: float, wall: float) -> dict[str, object]:
     recent = state.inspector.recent
     return {
         "edge": {"uptime_s": round(wall - state.started, 1), "in_flight": state.in_flight,
-                 "draining": state.draining, "tunnels": len(state.sessions)},
+                 "draining": state.draining, "tunnels": len(state.sessions),
+                 # The inspector is per process (--processes N): which one answered.
+                 "process": state.config.process_index, "processes": state.config.processes},
         "recorder": {"capacity": recent.capacity if recent is not None else 0,
                      "kept": len(recent) if recent is not None else 0},
         "pools": pools,
