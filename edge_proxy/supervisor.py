@@ -78,7 +78,8 @@ class Supervisor:
         self.cfg = cfg
         self.argv = argv
         self.n = cfg.processes
-        self.runtime_dir = tempfile.mkdtemp(prefix="edge-proxy-")
+        # Under systemd with RuntimeDirectory= there, else the temporary directory (PrivateTmp in the unit).
+        self.runtime_dir = tempfile.mkdtemp(prefix="edge-proxy-", dir=os.environ.get("RUNTIME_DIRECTORY") or None)
         self.metrics = metrics_dir(self.runtime_dir)
         self.metrics.mkdir()
         self.children = [Child(i) for i in range(self.n)]
