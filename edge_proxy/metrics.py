@@ -176,9 +176,10 @@ class EdgeMetrics:
 
         path = multiprocess_dir()
         reg = CollectorRegistry()
-        if path is not None:
-            multiprocess.MultiProcessCollector(reg, path)  # type: ignore[no-untyped-call]
         reg.register(MergedState(snaps, workers, processes, missing))
+        if path is None:  # started by hand without the supervisor: this process's counts only
+            return generate_latest(self.registry) + generate_latest(reg)
+        multiprocess.MultiProcessCollector(reg, path)  # type: ignore[no-untyped-call]
         return generate_latest(reg)
 
 

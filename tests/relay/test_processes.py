@@ -13,8 +13,11 @@ import sys
 from typing import Any
 
 import aiohttp
+import pytest
+from websockets.asyncio.client import connect
 
 from tests.harness import ROOT, System, free_port, wait_for
+from tunnel import Connection, Hello, Role, WelcomeReceived, WorkerStatus
 
 
 async def merged(system: System, edge: str) -> dict[str, Any]:
@@ -142,3 +145,49 @@ def test_port_taken_is_one_line_and_exit_2(system: System, tmp_path: Any) -> Non
                       "another with --listen"], r.stderr
 
 
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+async def test_an_agent_that_ignores_the_process_fields_is_in_service_at_once(system: System, processes: int) -> None:
+    """An older agent (no `process_aware` in its HELLO, as every agent before
+    --processes) sends no confirmation: its tunnel serves at once, as always.
+    A process-aware one is held out of service until its first STATUS."""
+    _, edge = await system.edge("edge", None, "--processes", str(processes))
+    url = edge.replace("https://", "wss://") + "/_edge/tunnel"
+    headers = {"Authorization": f"Bearer {system.pki.worker_token}"}
+    ctx = system.pki.client_ssl()
+
+    async def in_service(name: str) -> bool:
+        w = (await system.workers(edge)).get(name)
+        if w is None:
+            return False
+        parts = w.get("processes")
+        return bool(w["available"]) if parts is None else any(p["available"] for p in parts.values())  # type: ignore[union-attr]
+
+    async with connect(url, ssl=ctx, additional_headers=headers, ping_interval=None) as old:
+        conn = Connection(Role.AGENT)
+        conn.send_hello(Hello("old", capacity=2))
+        await old.send(conn.data_to_send())
+        (ev,) = conn.receive_data(await asyncio.wait_for(old.recv(), 5))
+        assert isinstance(ev, WelcomeReceived)
+        assert ev.welcome.processes == processes  # an old agent simply does not read it
+        await wait_for(lambda: in_service("old"), 10, "the old agent's tunnel in service without a STATUS")
+
+    if processes == 1:
+        return
+    async with connect(url, ssl=ctx, additional_headers=headers, ping_interval=None) as new:
+        conn = Connection(Role.AGENT)
+        conn.send_hello(Hello("aware", capacity=2, process_aware=True))
+        await new.send(conn.data_to_send())
+        (ev,) = conn.receive_data(await asyncio.wait_for(new.recv(), 5))
+        assert isinstance(ev, WelcomeReceived)
+        await wait_for(lambda: _registered(system, edge, "aware"), 10, "the aware agent registered")
+        await asyncio.sleep(0.5)  # what must NOT happen: it comes into service unconfirmed
+        assert not await in_service("aware")
+        conn.send_status(WorkerStatus(True))
+        await new.send(conn.data_to_send())
+        await wait_for(lambda: in_service("aware"), 10, "the aware agent in service after its STATUS")
+
+
+async def _registered(system: System, edge: str, name: str) -> bool:
+    return name in await system.workers(edge)
