@@ -120,11 +120,17 @@ class Supervisor:
             if self.stopping.is_set():
                 return
             ran = time.monotonic() - c.started
-            c.failures = 1 if ran > STABLE_AFTER else c.failures + 1
-            delay = restart_delay(c.failures)
-            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
-            log.warning("edge process %d (pid %d) exited with %s after %.0f s; restarting it in %.1f s", c.index,
-                        c.proc.pid, how, ran, delay)
+            if code == -signal.SIGHUP:
+                # Passed on by us: a process without a SIGHUP handler of its own
+                # ends on it, which is no failure. Start it again at once.
+                delay = 0.0
+                log.info("edge process %d (pid %d) ended on SIGHUP; starting it again", c.index, c.proc.pid)
+            else:
+                c.failures = 1 if ran > STABLE_AFTER else c.failures + 1
+                delay = restart_delay(c.failures)
+                how = f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
+                log.warning("edge process %d (pid %d) exited with %s after %.0f s; restarting it in %.1f s", c.index,
+                            c.proc.pid, how, ran, delay)
             self._forget(c.proc.pid)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), delay)
@@ -176,7 +182,9 @@ class Supervisor:
             for c in self.children:
                 if c.waiter is not None:
                     c.waiter.cancel()
-            bad = {i: code for i, code in codes.items() if code != 0}
+            # Killed by the signal itself: a child still starting (no handler yet), which served nothing.
+            clean = (0, -signal.SIGTERM, -signal.SIGINT)
+            bad = {i: code for i, code in codes.items() if code not in clean}
             if bad:
                 log.warning("supervisor: edge processes ended with %s", bad)
                 return 1
