@@ -191,3 +191,35 @@ async def test_an_agent_that_ignores_the_process_fields_is_in_service_at_once(sy
 
 async def _registered(system: System, edge: str, name: str) -> bool:
     return name in await system.workers(edge)
+
+
+async def test_a_sibling_that_does_not_answer_is_reported_missing_not_waited_for(system: System) -> None:
+    _, up = await system.upstream()
+    _, edge = await system.edge("edge", None, "--processes", "2")
+    system.agent("w1", edge, up)
+    data = await wait_both_held(system, edge, "w1")
+    pids = {int(k): int(p["pid"]) for k, p in tunnels_by_process(data, "w1").items()}
+    os.kill(pids[1], signal.SIGSTOP)  # process 1 hangs: its socket accepts, nobody answers
+    try:
+        answer: dict[str, Any] = {}
+        took = 0.0
+
+        async def from_process_0() -> bool:
+            nonlocal answer, took
+            # A fresh connection each time: one the kernel gives to the stopped process times out.
+            ctx = system.pki.client_ssl()
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, force_close=True),
+                                             timeout=aiohttp.ClientTimeout(total=4)) as s:
+                t0 = asyncio.get_running_loop().time()
+                async with s.get(edge + "/_edge/workers", headers=system.auth()) as r:
+                    answer = await r.json()
+                took = asyncio.get_running_loop().time() - t0
+            return True
+
+        await wait_for(from_process_0, 60, lambda: f"an answer from process 0: {answer}", interval=0.1)
+        assert answer["edge"]["process"] == 0 and answer["edge"]["missing"] == [1]
+        assert took < 3.0  # the sibling's 1 s timeout, not a hang
+        parts = tunnels_by_process(answer, "w1")
+        assert set(parts) == {"0"}  # what process 0 knows, and no more
+    finally:
+        os.kill(pids[1], signal.SIGCONT)
