@@ -45,7 +45,7 @@ class Agent:
         self.clients = [TunnelClient(self, url, i) for url in config.edges for i in range(config.tunnels_per_edge)]
         # Per edge URL: which of its processes our tunnels reach (`--processes N` edges).
         self.coverage = {url: EdgeCoverage(config.tunnels_per_edge) for url in config.edges}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[TunnelClient, asyncio.Task[None]] = {}
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -102,7 +102,8 @@ class Agent:
             self.http = http
             await self.probe_once()
             tasks = self._tasks
-            tasks.extend(asyncio.create_task(c.run_forever(), name=c.name) for c in self.clients)
+            for c in self.clients:
+                tasks[c] = asyncio.create_task(c.run_forever(), name=c.name)
             prober = asyncio.create_task(self._probe_loop())
             await self.stopping.wait()
             log.info("draining: GOAWAY to every edge, up to %.0f s for %d in-flight request(s)", self.config.grace,
@@ -118,9 +119,10 @@ class Agent:
             for c in self.clients:
                 if c.ws is not None:
                     await c.ws.close()
-            for t in list(tasks):
+            running = list(tasks.values())
+            for t in running:
                 t.cancel()
-            await asyncio.gather(*list(tasks), prober, return_exceptions=True)
+            await asyncio.gather(*running, prober, return_exceptions=True)
             self.upstream.close()
         log.info("agent stopped")
 
@@ -143,12 +145,16 @@ class Agent:
         keep = cov.claim(client.index, welcome.process, welcome.processes)
         if keep:
             self._report(client.url)
-        have = {c.index for c in self.clients if c.url == client.url and not c.stopped}
+        for c, t in list(self._tasks.items()):  # slots that stopped (the edge had fewer processes)
+            if t.done():
+                del self._tasks[c]
+                self.clients.remove(c)
+        have = {c.index for c in self.clients if c.url == client.url}
         for i in range(cov.wanted):
             if i not in have and not self.stopping.is_set():
                 extra = TunnelClient(self, client.url, i)
                 self.clients.append(extra)
-                self._tasks.append(asyncio.create_task(extra.run_forever(), name=extra.name))
+                self._tasks[extra] = asyncio.create_task(extra.run_forever(), name=extra.name)
         return keep
 
     def tunnel_ended(self, client: TunnelClient) -> None:

@@ -122,19 +122,12 @@ class TunnelClient:
         self._slots: dict[int, bool] = {}  # stream id -> is a health check, for streams holding a slot
         self._edge_draining = False
         self.auth_failures = AuthFailures(agent.config.max_auth_failures)
-        self.stopped = False  # run_forever returned
 
     @property
     def name(self) -> str:
         return f"{self.url}#{self.index}"
 
     async def run_forever(self) -> None:
-        try:
-            await self._run()
-        finally:
-            self.stopped = True
-
-    async def _run(self) -> None:
         backoff = Backoff()
         last_error = ""
         cfg = self.agent.config
