@@ -109,11 +109,14 @@ async def test_sigterm_to_the_supervisor_drains_every_process_and_exits_0(system
     system.agent("w1", edge, up)
     data = await wait_both_held(system, edge, "w1")
     pids = [p["pid"] for p in tunnels_by_process(data, "w1").values()]
-    # A slow request in flight while the edge is told to stop: it finishes.
-    async with system.http().get(up + "/set-delay/1500") as r:
-        assert r.status == 200
-    slow = asyncio.create_task(system.http().get(edge + "/", headers=system.auth()))
-    await asyncio.sleep(0.3)  # let it reach the worker (the edge drains what is in flight)
+    # A slow request in flight while the edge is told to stop: it finishes (--grace 3).
+    slow = asyncio.create_task(system.http().get(edge + "/work?ms=1500", headers=system.auth()))
+
+    async def at_upstream() -> bool:
+        async with system.http().get(up + "/stats") as r:
+            return int((await r.json())["in_flight"]) >= 1
+
+    await wait_for(at_upstream, 10, "the slow request at the upstream")
     edge_proc.signal(signal.SIGTERM)
     resp = await slow
     assert resp.status == 200
@@ -182,7 +185,7 @@ async def test_an_agent_that_ignores_the_process_fields_is_in_service_at_once(sy
         (ev,) = conn.receive_data(await asyncio.wait_for(new.recv(), 5))
         assert isinstance(ev, WelcomeReceived)
         await wait_for(lambda: _registered(system, edge, "aware"), 10, "the aware agent registered")
-        await asyncio.sleep(0.5)  # what must NOT happen: it comes into service unconfirmed
+        # Registered, so without the gate it would be in service already (it has a tunnel and no failed check).
         assert not await in_service("aware")
         conn.send_status(WorkerStatus(True))
         await new.send(conn.data_to_send())
