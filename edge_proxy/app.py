@@ -149,7 +149,7 @@ def make_app(config: EdgeConfig, client_keys: CredentialStore, worker_tokens: Cr
     state.browser_sessions = SessionSigner(config.inspector_session_ttl)
     # With N processes each limits at rate / N: the kernel spreads a client's
     # connections over them, so together they allow about the configured rate.
-    state.limiter = RateLimiter(config.rate_limit / n, config.rate_burst / n if n > 1 else config.rate_burst)
+    state.limiter = RateLimiter(config.rate_limit / n, max(1.0, config.rate_burst / n) if n > 1 else config.rate_burst)
     state.auth_failures = RateLimiter(config.auth_failures_per_minute / 60.0 / n,
                                       max(1.0, config.auth_failures_per_minute / n))
     app = web.Application(client_max_size=config.max_body, middlewares=[request_context, client_auth])

@@ -226,3 +226,25 @@ async def test_a_sibling_that_does_not_answer_is_reported_missing_not_waited_for
         assert set(parts) == {"0"}  # what process 0 knows, and no more
     finally:
         os.kill(pids[1], signal.SIGCONT)
+
+
+async def test_a_key_rate_is_shared_out_between_the_processes(system: System) -> None:
+    """The `limited` key allows 5/s with a burst of 5: with 2 processes each
+    keeps half (2.5 tokens, so 2 requests at once), so a burst of 12 requests
+    spread over both gets about 4 through, not about 10."""
+    _, up = await system.upstream()
+    _, edge = await system.edge("edge", None, "--processes", "2")
+    system.agent("w1", edge, up)
+    await wait_both_held(system, edge, "w1")
+    ctx = system.pki.client_ssl()
+    statuses: list[int] = []
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        async with session.get(edge + "/", headers=system.auth(system.pki.limited_key)) as r:
+            await r.read()
+            statuses.append(r.status)
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, force_close=True)) as s:
+        await asyncio.gather(*(one(s) for _ in range(12)))
+    assert set(statuses) <= {200, 429}
+    assert 1 <= statuses.count(200) <= 6, statuses
