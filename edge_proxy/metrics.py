@@ -168,6 +168,11 @@ class EdgeMetrics:
         self.tunnels.set(sum(w.tunnels for w in snap.workers))
         return generate_latest(self.registry)
 
+    def requests_total(self) -> float:
+        """Requests this process has counted in `edge_requests` (any pool and status)."""
+        return sum(sample.value for family in self.requests.metric.collect() for sample in family.samples
+                   if sample.name.endswith("_total"))
+
     def render_merged(self, snaps: list[dict[str, Any]], workers: list[dict[str, Any]], processes: int,
                       missing: list[int]) -> bytes:
         """Every process's counters and histograms (multiprocess files) and the
@@ -237,8 +242,9 @@ class MergedState(Collector):
         procs.add_metric(["answered"], len(self.snaps))
         procs.add_metric(["missing"], len(self.missing))
         yield procs
-        served = GaugeMetricFamily("edge_process_served", "Requests answered by workers through each edge process "
-                                   "since it started (shows how the kernel spreads connections)", labels=["process"])
+        requests = GaugeMetricFamily("edge_process_requests", "Requests proxied by each edge process since it "
+                                     "started, any status (shows how the kernel spreads connections)",
+                                     labels=["process"])
         for s in self.snaps:
-            served.add_metric([str(s.get("process", 0))], sum(w.get("served", 0) for w in s.get("workers", [])))
-        yield served
+            requests.add_metric([str(s.get("process", 0))], s.get("requests", 0))
+        yield requests

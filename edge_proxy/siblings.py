@@ -49,6 +49,7 @@ def snapshot(state: EdgeState) -> dict[str, Any]:
         "pools": state.registry.pool_names(),
         "waiting": {name: len(p.waiters) for name, p in pools.items()},
         "tunnels": sum(len(w.sessions) for w in state.registry.workers.values()),
+        "requests": state.metrics.requests_total(),
         "tasks": tasks_by_coroutine(asyncio.all_tasks()),
         "heap_blocks": sys.getallocatedblocks(),
     }

@@ -45,9 +45,9 @@ def test_one_worker_seen_by_two_processes_is_one_entry_with_sums_and_the_freshes
 def test_merged_metrics_count_each_worker_once_and_name_missing_processes():
     snaps = [
         {"process": 0, "pid": 1, "workers": [worker()], "waiting": {"default": 2}, "tunnels": 1,
-         "tasks": {"a": 3}, "heap_blocks": 10},
+         "tasks": {"a": 3}, "heap_blocks": 10, "requests": 7},
         {"process": 1, "pid": 2, "workers": [worker(tunnels=["1"])], "waiting": {"default": 1}, "tunnels": 1,
-         "tasks": {"a": 2, "b": 1}, "heap_blocks": 20},
+         "tasks": {"a": 2, "b": 1}, "heap_blocks": 20, "requests": 12},
     ]
     text = EdgeMetrics(multiprocess=True).render_merged(snaps, merge_workers(snaps), 3, [2]).decode()
     assert 'edge_workers{pool="default",state="healthy"} 1.0' in text
@@ -56,7 +56,15 @@ def test_merged_metrics_count_each_worker_once_and_name_missing_processes():
     assert "edge_tunnels 2.0" in text and "edge_asyncio_tasks 6.0" in text
     assert 'edge_worker_effective_capacity{pool="default",worker="w1"} 8.0' in text
     assert 'edge_processes{state="missing"} 1.0' in text
-    assert 'edge_process_served{process="1"} 10.0' in text
+    assert 'edge_process_requests{process="0"} 7.0' in text and 'edge_process_requests{process="1"} 12.0' in text
+
+
+def test_a_process_counts_its_own_requests_for_its_siblings():
+    m = EdgeMetrics()
+    assert m.requests_total() == 0
+    m.requests.labels("p", "200").inc()
+    m.requests.labels("p", "503").inc(2)
+    assert m.requests_total() == 3
 
 
 async def test_one_process_metrics_keep_their_gauges():

@@ -79,6 +79,9 @@ async def test_agent_reaches_both_processes_and_the_kernel_spreads_clients(syste
     total = next(float(line.split()[-1]) for line in text.splitlines()
                  if line.startswith('edge_requests_total{pool="default",status="200"}'))
     assert total >= 80
+    per_process = {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("edge_process_requests{")}
+    assert set(per_process) == {"0", "1"} and all(n > 0 for n in per_process.values()), per_process
     assert "tunnels to edge" in agent.log() and "processes 2/2" in agent.log()
     assert edge_proc.alive()
 
