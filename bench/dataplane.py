@@ -21,6 +21,13 @@ Prints the issue's table and a verdict per target; asserts nothing, exits 0
     python bench/dataplane.py                      # 3 rounds, ~3 min on 2 cores
     python bench/dataplane.py --rounds 1 --seconds 2 --requests 200
     python bench/dataplane.py --processes 1,2      # + GET at c=64 with edge-proxy serve --processes N
+    python bench/dataplane.py --processes 1,2 --processes-only --agents 1,2   # only that, with 1 and 2 agents
+
+For --processes, each point is a fresh edge (`--processes N`) and K agents
+(`--agents`, each its own id and process, capacity 128) that have reached
+every edge process; wrk runs GET at c=64 (64 connections, which the kernel
+spreads over the edge processes), and the CPU per request is summed over the
+edge's processes (the supervisor idles) and the agents.
 """
 
 from __future__ import annotations
@@ -81,6 +88,7 @@ class Samples:
     rps: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     cpu: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)  # (target, shape, process) -> us/req
     errors: list[str] = field(default_factory=list)
+    spread: dict[str, str] = field(default_factory=dict)  # --processes point -> requests served per edge process
 
     @staticmethod
     def add(d: dict, key: tuple, value: float) -> None:  # type: ignore[type-arg]
@@ -228,7 +236,25 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "NOT MET"
 
 
-def report(s: Samples, names: list[str], proxies: dict[str, list[str]], processes: list[int]) -> None:
+def report(s: Samples, names: list[str], proxies: dict[str, list[str]], processes: list[int],
+           agents: list[int]) -> None:
+    if names:
+        table(s, names, proxies)
+    if processes:
+        print(f"\nGET at c=64 (wrk, {len(s.rps.get(('direct', 'GET c=64'), []))} runs each, medians); direct "
+              f"{med(s.rps.get(('direct', 'GET c=64'))):,.0f}/s")
+        print("\n| edge processes | agents | GET/s | x N=1 | edge CPU/GET | agents CPU/GET | spread over processes |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for k in agents:
+            base = med(s.rps.get(("relay", f"GET c=64 N={processes[0]} A={k}")))
+            for n in processes:
+                key = f"GET c=64 N={n} A={k}"
+                rps = med(s.rps.get(("relay", key)))
+                print(f"| {n} | {k} | {rps:,.0f} | {rps / base:.2f} | {cpu(s, 'relay', key, ['edge']):,.0f} us | "
+                      f"{cpu(s, 'relay', key, ['agents']):,.0f} us | {s.spread.get(key, '-')} |")
+
+
+def table(s: Samples, names: list[str], proxies: dict[str, list[str]]) -> None:
     shapes = [sh.name for sh in SHAPES]
     head = (["", *[f"{sh} +p50" for sh in shapes], *[f"{sh} +p99" for sh in shapes[:2]],
              *[f"{sh} ratio" for sh in shapes], *[f"CPU/{sh}" for sh in shapes]])
@@ -266,11 +292,6 @@ def report(s: Samples, names: list[str], proxies: dict[str, list[str]], processe
         e, a = cpu(s, "relay", "GET", ["edge"]), cpu(s, "relay", "GET", ["agent"])
         print(f"  edge CPU per GET {e:,.0f} us <= 150: {verdict(e <= 150)}; agent CPU per GET {a:,.0f} us <= 60: "
               f"{verdict(a <= 60)}")
-    for n in processes:
-        key = f"GET c=64 N={n}"
-        if ("relay", key) in s.rps:
-            print(f"  edge-proxy serve --processes {n}: GET c=64 {med(s.rps[('relay', key)]):,.0f}/s "
-                  f"(direct {med(s.rps.get(('direct', 'GET c=64'))):,.0f}/s)")
 
 
 def ratio(s: Samples, name: str, shape: str) -> float:
@@ -291,6 +312,9 @@ async def main() -> int:
     ap.add_argument("--no-nginx", action="store_true", help="skip the nginx reference row")
     ap.add_argument("--processes", default="", help="comma-separated edge process counts for GET at c=64 "
                     "(edge-proxy serve --processes N), e.g. 1,2")
+    ap.add_argument("--agents", default="1", help="comma-separated agent counts for each --processes point")
+    ap.add_argument("--processes-only", action="store_true",
+                    help="only the --processes points (and direct GET at c=64), not the issue's table")
     a = ap.parse_args()
     if WRK is None:
         print("bench/dataplane.py: skipped, `wrk` is not installed (apt-get install wrk)")
@@ -324,7 +348,7 @@ async def main() -> int:
         ours0 = sum(cpu_seconds(p) for p in pids)
         scripts = {sh.name: lua_script(work, sh) for sh in SHAPES}
         counts = {"GET": a.requests, "100 KB": max(20, a.requests // 2), "1 MB": max(20, a.requests // 5)}
-        for r in range(a.rounds):
+        for r in range(0 if a.processes_only else a.rounds):
             order = targets[r % len(targets):] + targets[: r % len(targets)]
             for sh in SHAPES:
                 print(f"round {r + 1}: {sh.name} c=1 x{counts[sh.name]} per target", flush=True)
@@ -333,12 +357,16 @@ async def main() -> int:
                     print(f"round {r + 1}: {sh.name} wrk c=32 {t.name}", flush=True)
                     await asyncio.to_thread(wrk, t, sh, 32, a.seconds, scripts[sh.name], auth, s)
         processes = [int(x) for x in a.processes.split(",") if x.strip()]
+        agents = [int(x) for x in a.agents.split(",") if x.strip()]
         if processes:
+            edge_proc.stop()  # the table's edge and agent idle, but leave the cores to the points
+            agent_proc.stop()
             for _ in range(a.rounds):
                 await asyncio.to_thread(wrk, targets[0], SHAPES[0], 64, a.seconds, None, auth, s, "GET c=64")
-            for n in processes:
-                await processes_point(system, upstream, n, a, auth, s)
-        names = [t.name for t in targets]
+            for k in agents:
+                for n in processes:
+                    await processes_point(system, upstream, n, k, a, auth, s)
+        names = [t.name for t in targets] if not a.processes_only else []
     finally:
         if nginx is not None:
             nginx.terminate()
@@ -351,7 +379,7 @@ async def main() -> int:
     except (OSError, NameError):
         pass
     others = max(0.0, machine_cpu_seconds()[0] - machine0[0] - ours)
-    report(s, names, proxies, processes)
+    report(s, names, proxies, processes, agents if processes else [])
     print(f"\nerrors: {', '.join(sorted(set(s.errors))) or 'none'}")
     print(f"other processes used about {others / secs * 100:.0f}% of one CPU during the {secs:.0f} s run "
           f"(from /proc/stat; wrk and exited processes count there too); load average {os.getloadavg()[0]:.2f} "
@@ -359,21 +387,60 @@ async def main() -> int:
     return 0
 
 
-async def processes_point(system: System, upstream: str, n: int, a: argparse.Namespace, auth: dict[str, str],
-                          s: Samples) -> None:
-    """GET at c=64 through an edge started with --processes n (a fresh edge and agent)."""
-    edge_proc, edge = await system.edge(f"edge-n{n}", None, "--rate-limit", "0", "--log-level", "warning",
+async def processes_point(system: System, upstream: str, n: int, k: int, a: argparse.Namespace,
+                          auth: dict[str, str], s: Samples) -> None:
+    """GET at c=64 through an edge started with --processes n and k agents
+    (fresh ones), once every agent holds a tunnel to every edge process."""
+    edge_proc, edge = await system.edge(f"edge-n{n}-a{k}", None, "--rate-limit", "0", "--log-level", "warning",
                                         "--check-interval", "2", "--processes", str(n))
-    agent_proc = system.agent(f"agent-n{n}", edge, upstream, "--log-level", "warning", capacity=128)
+    names = [f"agent-n{n}-a{k}-{i}" for i in range(k)]
+    agent_procs = [system.agent(name, edge, upstream, "--log-level", "warning", capacity=128) for name in names]
+    key = f"GET c=64 N={n} A={k}"
+    print(f"{key}: starting", flush=True)
     try:
-        await system.wait_available(edge, [f"agent-n{n}"])
-        await asyncio.sleep(1.0)
+        await system.wait_available(edge, names)
+        workers: dict[str, dict[str, object]] = {}
+
+        async def everywhere() -> bool:
+            nonlocal workers
+            workers = await system.workers(edge)
+            if n == 1:
+                return True
+            return all(len(workers[name].get("processes", {})) == n for name in names)  # type: ignore[arg-type]
+
+        await wait_for(everywhere, 60, lambda: f"agents at every edge process: {workers}")
+        pids = sorted({int(p["pid"]) for w in workers.values()  # type: ignore[union-attr]
+                       for p in w.get("processes", {}).values()}) or [edge_proc.pid]  # type: ignore[union-attr]
+        served0 = await served_by_process(system, edge, names)
+        edge_cpu = sum(cpu_seconds(p) for p in pids)
+        agents_cpu = sum(cpu_seconds(p.pid) for p in agent_procs)
         t = Target("relay", edge, system.pki.client_ssl(), {})
+        n_req = 0.0
         for _ in range(a.rounds):
-            await asyncio.to_thread(wrk, t, SHAPES[0], 64, a.seconds, None, auth, s, f"GET c=64 N={n}")
+            rps = await asyncio.to_thread(wrk, t, SHAPES[0], 64, a.seconds, None, auth, s, key)
+            n_req += rps * max(1, round(a.seconds))
+        edge_cpu = sum(cpu_seconds(p) for p in pids) - edge_cpu
+        agents_cpu = sum(cpu_seconds(p.pid) for p in agent_procs) - agents_cpu
+        s.add(s.cpu, ("relay", key, "edge"), edge_cpu / max(1.0, n_req) * 1e6)
+        s.add(s.cpu, ("relay", key, "agents"), agents_cpu / max(1.0, n_req) * 1e6)
+        served1 = await served_by_process(system, edge, names)
+        spread = {p: served1.get(p, 0) - served0.get(p, 0) for p in served1}
+        total = max(1, sum(spread.values()))
+        s.spread[key] = " / ".join(f"{100 * spread[p] / total:.0f}%" for p in sorted(spread)) if n > 1 else "-"
     finally:
-        agent_proc.stop()
+        for p in agent_procs:
+            p.stop()
         edge_proc.stop()
+
+
+async def served_by_process(system: System, edge: str, names: list[str]) -> dict[str, int]:
+    """Requests each edge process has passed to these workers so far (merged /_edge/workers)."""
+    workers = await system.workers(edge)
+    out: dict[str, int] = {}
+    for name in names:
+        for proc, part in (workers.get(name, {}).get("processes") or {}).items():  # type: ignore[union-attr]
+            out[proc] = out.get(proc, 0) + int(part["served"])
+    return out
 
 
 def run() -> int:

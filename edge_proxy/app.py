@@ -15,12 +15,13 @@ from aiohttp import web
 
 from runtime import allocator
 
-from . import admin, direct, heads, inspector_pages, proxy, websocket
+from . import admin, direct, heads, inspector_pages, proxy, siblings, websocket
 from .auth import CredentialStore
 from .browser_session import SessionSigner
 from .config import EdgeConfig
 from .errors import EdgeError
 from .inspector import KEY_NAME, WORKER, Inspector
+from .metrics import EdgeMetrics
 from .middleware import NORMALIZED_PATH, REQUEST_ID, ROUTE, client_auth, request_context
 from .ratelimit import RateLimiter
 from .registry import Pool, Registry, Worker
@@ -44,6 +45,8 @@ async def route(request: web.Request) -> web.StreamResponse:
         return await tunnel_endpoint(state, request, request[REQUEST_ID])
     if kind is Route.ADMIN:
         page = await inspector_pages.handle_admin(state, request, request[NORMALIZED_PATH])
+        if page is None and state.config.processes > 1:  # one picture of every process
+            page = await siblings.admin_page(state, request[NORMALIZED_PATH])
         return page if page is not None else admin.admin_page(state, request[NORMALIZED_PATH])
     if kind is Route.LOGIN:
         return await inspector_pages.handle_login_route(state, request, request[NORMALIZED_PATH])
@@ -135,7 +138,8 @@ async def _on_shutdown(app: web.Application) -> None:
 
 
 def make_app(config: EdgeConfig, client_keys: CredentialStore, worker_tokens: CredentialStore) -> web.Application:
-    state = EdgeState(config, client_keys, worker_tokens)
+    n = config.processes
+    state = EdgeState(config, client_keys, worker_tokens, metrics=EdgeMetrics(multiprocess=n > 1))
     state.registry = Registry(config.health, config.max_queue,
                               on_ejection=lambda w: _ejected(state, w), limit_policy=config.shed_limit,
                               on_ejection_capped=lambda w, first: _ejection_capped(state, w, first),
@@ -143,8 +147,11 @@ def make_app(config: EdgeConfig, client_keys: CredentialStore, worker_tokens: Cr
     state.registry.pools.setdefault("default", Pool("default"))
     state.inspector = Inspector(config.inspector_requests, time.monotonic())
     state.browser_sessions = SessionSigner(config.inspector_session_ttl)
-    state.limiter = RateLimiter(config.rate_limit, config.rate_burst)
-    state.auth_failures = RateLimiter(config.auth_failures_per_minute / 60.0, config.auth_failures_per_minute)
+    # With N processes each limits at rate / N: the kernel spreads a client's
+    # connections over them, so together they allow about the configured rate.
+    state.limiter = RateLimiter(config.rate_limit / n, max(1.0, config.rate_burst / n) if n > 1 else config.rate_burst)
+    state.auth_failures = RateLimiter(config.auth_failures_per_minute / 60.0 / n,
+                                      max(1.0, config.auth_failures_per_minute / n))
     app = web.Application(client_max_size=config.max_body, middlewares=[request_context, client_auth])
     app[STATE] = state
     app.router.add_route("*", "/{tail:.*}", route)

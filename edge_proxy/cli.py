@@ -18,7 +18,7 @@ from runtime import allocator, settings
 from runtime import eventloop as loop
 from runtime.cli import StartupError, run_main, setup_logging
 
-from . import auth, certs, direct_spec, vpn
+from . import auth, certs, direct_spec, siblings, supervisor, vpn
 from .app import drain, make_app
 from .config import EdgeConfig
 from .direct import DIRECTS
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the edge", description="Run the edge. Every option also reads the "
                        "environment variable named in its help; a flag beats the variable.")
     settings.add_arguments(s, EdgeConfig, ENV_PREFIX)
+    s.add_argument(supervisor.CHILD_FLAG, dest="edge_child", help=argparse.SUPPRESS)  # I,N,DIR: set by the supervisor
     return p
 
 
@@ -104,7 +105,8 @@ def server_ssl_context(cfg: EdgeConfig) -> ssl.SSLContext:
     return ctx
 
 
-async def serve(cfg: EdgeConfig) -> None:
+def load_secrets(cfg: EdgeConfig) -> tuple[auth.CredentialStore, auth.CredentialStore, ssl.SSLContext | None]:
+    """The credential files and the TLS context, or a one-line StartupError."""
     if not cfg.client_keys or not cfg.worker_tokens:
         raise StartupError("--client-keys and --worker-tokens are required; create them with "
                          "`edge-proxy keys create` and `edge-proxy tokens create`")
@@ -114,15 +116,21 @@ async def serve(cfg: EdgeConfig) -> None:
         raise StartupError(str(exc)) from None
     keys = auth.CredentialStore.load(cfg.client_keys)
     tokens = auth.CredentialStore.load(cfg.worker_tokens)
-    ctx = None if cfg.insecure_http else server_ssl_context(cfg)
-    if cfg.insecure_http:
+    return keys, tokens, None if cfg.insecure_http else server_ssl_context(cfg)
+
+
+async def serve(cfg: EdgeConfig) -> None:
+    keys, tokens, ctx = load_secrets(cfg)
+    if cfg.insecure_http and cfg.process_index == 0:
         log.warning("serving plain HTTP: only do this behind a TLS-terminating load balancer")
     app = make_app(cfg, keys, tokens)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=cfg.grace,
                            keepalive_timeout=cfg.keepalive_timeout, max_headers=cfg.max_headers,
                            max_field_size=cfg.max_field_size, max_line_size=cfg.max_field_size)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ctx, backlog=1024, reuse_address=True)
+    # Several processes: each its own listening socket on the port; the kernel spreads connections over them.
+    site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ctx, backlog=1024, reuse_address=True,
+                       reuse_port=True if cfg.processes > 1 else None)
     try:
         await site.start()
     except OSError as exc:
@@ -131,8 +139,10 @@ async def serve(cfg: EdgeConfig) -> None:
             raise StartupError(f"port {cfg.port} on {cfg.host} is already in use; stop the other process or "
                              "choose another with --listen") from None
         raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from None
+    sibling_server = await siblings.serve(app) if cfg.processes > 1 else None  # also says "listening" to the supervisor
     scheme = "http" if cfg.insecure_http else "https"
-    log.info("edge listening on %s://%s:%d (%d client keys, %d worker tokens)", scheme, cfg.host, cfg.port,
+    which = f"process {cfg.process_index} of {cfg.processes} " if cfg.processes > 1 else ""
+    log.info("edge %slistening on %s://%s:%d (%d client keys, %d worker tokens)", which, scheme, cfg.host, cfg.port,
              len(keys), len(tokens))
     shown = "THIS-HOST" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
     shown = f"[{shown}]" if ":" in shown else shown
@@ -148,16 +158,37 @@ async def serve(cfg: EdgeConfig) -> None:
     log.info("shutting down: draining for up to %.0f s", cfg.grace)
     await site.stop()  # no new connections
     await drain(app)
+    if sibling_server is not None:
+        sibling_server.close()
     await runner.cleanup()
     log.info("edge stopped")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    return run_main(lambda: _command(args))
+    return run_main(lambda: _command(args, argv))
 
 
-def _command(args: argparse.Namespace) -> int:
+def _serve_command(args: argparse.Namespace, argv: list[str]) -> int:
+    cfg = config_from_args(args)
+    if args.edge_child:  # one of the processes of `--processes N`, started by the supervisor
+        cfg.process_index, cfg.processes, cfg.runtime_dir = supervisor.parse_child(args.edge_child)
+        supervisor.die_with_parent()
+        setup_logging(cfg.log_level, tag=f"[{cfg.process_index}]")
+    elif cfg.processes > 1:
+        setup_logging(cfg.log_level)
+        load_secrets(cfg)  # a bad file or port is one line here, not one per process
+        supervisor.check_port(cfg)
+        return loop.run(supervisor.Supervisor(cfg, argv).run(), cfg.loop)
+    else:
+        setup_logging(cfg.log_level)
+    allocator.pin_mmap_threshold()  # keeps RSS flat under long TLS traffic
+    loop.run(serve(cfg), cfg.loop)
+    return 0
+
+
+def _command(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "certs":
         files = certs.make_all(args.out, args.host, args.worker)
         for name, path in files.items():
@@ -181,11 +212,7 @@ def _command(args: argparse.Namespace) -> int:
             print(f"error: no credential named {args.name!r} in {args.file}", file=sys.stderr)
             return 1
         return 0
-    cfg = config_from_args(args)
-    setup_logging(cfg.log_level)
-    allocator.pin_mmap_threshold()  # keeps RSS flat under long TLS traffic
-    loop.run(serve(cfg), cfg.loop)
-    return 0
+    return _serve_command(args, argv)
 
 
 def _vpn(args: argparse.Namespace) -> int:

@@ -6,11 +6,12 @@ deploy/systemd/edge-proxy.env and docs/settings.md follow from it."""
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 
 from runtime.settings import option, validated
 from tunnel import PeerSettings
-from tunnel.handshake import HEALTH_PATH_RULE, is_valid_health_path
+from tunnel.handshake import HEALTH_PATH_RULE, MAX_PROCESSES, is_valid_health_path
 
 from .direct_spec import SYNTAX, DirectSpec, parse_direct
 from .health import HealthPolicy
@@ -29,6 +30,19 @@ def parse_positive_seconds(value: str) -> float:
     if not s > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {value!r}")
     return s
+
+
+def parse_processes(value: str) -> int:
+    """`--processes`: a count of 1 or more, or `auto` for the CPU count."""
+    if value.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of processes or 'auto', got {value!r}") from None
+    if not 1 <= n <= MAX_PROCESSES:
+        raise argparse.ArgumentTypeError(f"must be 1..{MAX_PROCESSES} (or 'auto'), got {n}")
+    return n
 
 
 def parse_hostport(value: str) -> str:
@@ -141,6 +155,10 @@ class EdgeConfig:
     inspector_session_ttl: float = option(8 * 3600.0, group=INSPECTOR, parse=parse_positive_seconds,
                                           help="seconds a browser stays signed in to the inspector")
     # Process
+    processes: int = option(1, group=PROCESS, parse=parse_processes, metavar="N|auto",
+                            help="edge processes sharing the port (SO_REUSEPORT) under one supervisor that restarts "
+                                 "any that dies; agents hold a tunnel to every one (docs/operations.md, \"Several "
+                                 "processes\"); auto = the CPU count, 1 = one process and no supervisor")
     malloc_trim_interval: float = option(30.0, group=PROCESS,
                                          help="seconds between returns of freed heap pages to the system (glibc "
                                               "malloc_trim), 0 = never")
@@ -149,6 +167,10 @@ class EdgeConfig:
     loop: str = option("auto", group=PROCESS, choices=("auto", "uvloop", "asyncio"),
                        help="event loop: auto picks uvloop when installed")
     tunnel_settings: PeerSettings = field(default_factory=PeerSettings)
+    # Set for a child of `--processes N` by its supervisor (edge_proxy/supervisor.py), not options:
+    # this process's index and the directory of the siblings' sockets and metrics files.
+    process_index: int = 0
+    runtime_dir: str = ""
 
     @property
     def host(self) -> str:

@@ -42,6 +42,11 @@ SPARE_CONNECTIONS = 2
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
+def share(capacity: int, processes: int) -> int:
+    """What one of `processes` edge processes admits of a worker's capacity."""
+    return -(-capacity // max(1, processes))
+
+
 class DirectSession:
     """One direct worker as the registry sees it (a registry.TunnelSession):
     its connection pool, its open requests and its health-check loop."""
@@ -52,7 +57,8 @@ class DirectSession:
         self.spec = spec
         self.state = state
         cfg = state.config
-        connector = aiohttp.TCPConnector(limit=spec.capacity + SPARE_CONNECTIONS, keepalive_timeout=cfg.direct_keepalive)
+        connector = aiohttp.TCPConnector(limit=share(spec.capacity, cfg.processes) + SPARE_CONNECTIONS,
+                                         keepalive_timeout=cfg.direct_keepalive)
         self.client = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=cfg.direct_connect_timeout),
@@ -249,7 +255,11 @@ class DirectWorkers:
         session = DirectSession(spec, self.state)
         if old is not None:
             self._retire(old, "replaced by a changed declaration")
-        worker, _ = reg.attach(session, spec.id, spec.pool, spec.capacity, DIRECT_TUNNEL, OWNER, software="direct",
+        # With --processes N each process dials the worker itself: each admits
+        # its share, as for tunnel workers (a direct worker has no admission
+        # of its own to refuse the excess).
+        capacity = share(spec.capacity, self.state.config.processes)
+        worker, _ = reg.attach(session, spec.id, spec.pool, capacity, DIRECT_TUNNEL, OWNER, software="direct",
                                health_path=spec.health)
         worker.kind, worker.url = DirectSession.kind, spec.url
         if old is None or old.spec.url != spec.url or old.spec.health != spec.health or old.spec.pool != spec.pool:
@@ -258,8 +268,10 @@ class DirectWorkers:
             worker.health = WorkerHealth(reg.policy, checks_healthy=False)
         self.sessions[spec.id] = session
         session.start(worker)
-        log.info("direct worker %s joins pool %s at %s (capacity %d, checked at %s)", spec.id, spec.pool, spec.url,
-                 spec.capacity, session.check_path())
+        of = f", {capacity} of it at process {self.state.config.process_index}" \
+             if self.state.config.processes > 1 else ""
+        log.info("direct worker %s joins pool %s at %s (capacity %d%s, checked at %s)", spec.id, spec.pool, spec.url,
+                 spec.capacity, of, session.check_path())
 
     def _retire(self, session: DirectSession, why: str) -> None:
         session.goaway(why)

@@ -156,7 +156,9 @@ def overview(state: EdgeState, now: float, wall: float) -> dict[str, object]:
     return {
         "edge": {"uptime_s": round(wall - state.started, 1), "in_flight": state.in_flight,
                  "draining": state.draining, "tunnels": len(state.sessions),
-                 "direct": sum(1 for w in reg.workers.values() if w.kind == "direct")},
+                 "direct": sum(1 for w in reg.workers.values() if w.kind == "direct"),
+                 # The inspector is per process (--processes N): which one answered.
+                 "process": state.config.process_index, "processes": state.config.processes},
         "recorder": {"capacity": recent.capacity if recent is not None else 0,
                      "kept": len(recent) if recent is not None else 0},
         "pools": pools,

@@ -128,7 +128,11 @@ def _failed(request: web.Request, now: float, what: str, detail: str) -> EdgeErr
 def _within_rate(request: web.Request, cred: Credential, now: float) -> EdgeError | None:
     state = request.app[STATE]
     request[KEY_NAME] = cred.name
-    wait = state.limiter.check(cred.name, now, cred.rate, cred.burst)
+    rate, burst, n = cred.rate, cred.burst, state.config.processes
+    if n > 1:  # --processes N: each process keeps its share (edge_proxy/app.py does the same for the default)
+        rate = None if rate is None else rate / n
+        burst = None if burst is None else max(1.0, burst / n)  # a bucket below one request never admits
+    wait = state.limiter.check(cred.name, now, rate, burst)
     if wait > 0:
         state.metrics.rejections.labels("rate_limited").inc()
         return EdgeError(f"rate limit of key {cred.name!r} exceeded", status=429, code="rate_limited",

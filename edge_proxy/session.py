@@ -62,13 +62,17 @@ class EdgeSession:
         self.peer = request.remote or "?"
         self._hello: asyncio.Future[HelloReceived] = asyncio.get_running_loop().create_future()
         self._draining = False
+        # A tunnel of a process-aware agent to one of several edge processes:
+        # out of service until the agent confirms it (its first STATUS) rather
+        # than ending it as a duplicate (docs/protocol.md, "Several edge processes").
+        self._pending = False
         self._check_task: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ properties
     @property
     def accepting(self) -> bool:
-        return self.io.accepting and not self._draining
+        return self.io.accepting and not self._draining and not self._pending
 
     @property
     def open_streams(self) -> int:
@@ -105,8 +109,8 @@ class EdgeSession:
             await self.io.close(self.io.close_reason or "tunnel closed", retryable=False)
             if self.worker is not None:
                 self.state.registry.detach(self.worker, self.tunnel_index, self)
-                log.info("worker %s (pool %s) tunnel %s closed: %s", self.worker.agent_id, self.worker.pool,
-                         self.tunnel_index, self.io.close_reason)
+                log.log(logging.DEBUG if self._pending else logging.INFO, "worker %s (pool %s) tunnel %s closed: %s",
+                        self.worker.agent_id, self.worker.pool, self.tunnel_index, self.io.close_reason)
             await self.ws.close()
             # Nothing of a closed tunnel should wait for a full garbage
             # collection (churn showed RSS following gen-2 collections).
@@ -130,10 +134,15 @@ class EdgeSession:
             self.state.metrics.tunnel_refusals.labels("duplicate_id").inc()
             self.conn.reject(ErrorCode.DUPLICATE_ID, clash)
             return False
+        cfg = self.state.config
         self.tunnel_index = hello.labels.get("tunnel", "0")
-        self.conn.accept(self.state.config.heartbeat_interval)
+        self.conn.accept(cfg.heartbeat_interval, process=cfg.process_index, processes=cfg.processes)
+        self._pending = cfg.processes > 1 and hello.process_aware
         previous = reg.workers.get(hello.agent_id)
-        worker, stale = reg.attach(self, hello.agent_id, hello.pool, hello.capacity, self.tunnel_index,
+        # Each of N processes admits its share of the worker's capacity; the
+        # agent's own admission stays the truth (REFUSED_STREAM, retried elsewhere).
+        capacity = -(-hello.capacity // cfg.processes)
+        worker, stale = reg.attach(self, hello.agent_id, hello.pool, capacity, self.tunnel_index,
                                    self.token_name, hello.software, hello.labels, hello.instance, hello.health_path)
         self.worker = worker
         if previous is not None and previous is not worker and previous.pool == worker.pool:
@@ -142,9 +151,19 @@ class EdgeSession:
         if stale is not None and stale is not self:
             log.info("worker %s reconnected; replacing its stale tunnel", hello.agent_id)
             stale.abort("replaced by a new tunnel from the same agent")
-        log.info("worker %s joined pool %s (capacity %d, checked at %s) from %s", hello.agent_id, hello.pool,
-                 hello.capacity, self.check_path(), self.peer)
+        if not self._pending:
+            self._log_joined()
         return True
+
+    def _log_joined(self) -> None:
+        hello = self.conn.hello
+        if hello is None:
+            return
+        cfg = self.state.config
+        share = f", {-(-hello.capacity // cfg.processes)} of it at process {cfg.process_index} of " \
+                f"{cfg.processes}" if cfg.processes > 1 else ""
+        log.info("worker %s joined pool %s (capacity %d%s, checked at %s) from %s", hello.agent_id, hello.pool,
+                 hello.capacity, share, self.check_path(), self.peer)
 
     async def _read_loop(self) -> None:
         ws = self.ws
@@ -172,6 +191,10 @@ class EdgeSession:
             if not self._hello.done():
                 self._hello.set_result(ev)
         elif isinstance(ev, StatusReceived):
+            if self._pending and self.worker is not None:
+                self._pending = False  # the agent keeps this tunnel: in service from now on
+                self._log_joined()
+                self.state.registry.wake(self.worker.pool)
             if self.worker is not None:
                 was = self.worker.health.agent_healthy
                 self.worker.health.record_agent_report(ev.status.healthy, ev.status.detail)
@@ -186,7 +209,9 @@ class EdgeSession:
                     self.io.channels.pop(sid, None)
                     ch.fail(StreamError("worker is draining", ErrorCode.REFUSED_STREAM, retryable=True))
             if self.worker is not None:
-                log.info("worker %s is draining (%s)", self.worker.agent_id, ev.reason or ev.code.name)
+                # A duplicate (the agent holds this process already) is routine, not news.
+                log.log(logging.DEBUG if self._pending else logging.INFO, "worker %s is draining (%s)",
+                        self.worker.agent_id, ev.reason or ev.code.name)
 
     def _on_dead(self, reason: str) -> None:
         self.abort(reason)
@@ -243,6 +268,10 @@ class EdgeSession:
             w = self.worker
             if w is not None and self.accepting:
                 ok, error = await self.check_once(self.check_path(), policy.check_timeout)
+                if not self.accepting:
+                    # The tunnel began to drain (or closed) meanwhile: a refusal
+                    # on it says nothing of the worker's health.
+                    continue
                 before, before_error = w.health.checks_healthy, w.health.last_check_error
                 w.health.record_check(clock(), ok, error)
                 if before != w.health.checks_healthy or (error and error != before_error):

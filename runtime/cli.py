@@ -16,8 +16,10 @@ class StartupError(Exception):
     """The process cannot start; the message says why and what to do, in one line."""
 
 
-def setup_logging(level: str, quiet: Iterable[str] = ("aiohttp.access",)) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=LOG_FORMAT, stream=sys.stderr)
+def setup_logging(level: str, quiet: Iterable[str] = ("aiohttp.access",), tag: str = "") -> None:
+    """`tag` follows the logger's name on every line, e.g. "[1]" for edge process 1."""
+    fmt = LOG_FORMAT.replace("%(name)s", "%(name)s" + tag.replace("%", "%%")) if tag else LOG_FORMAT
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt, stream=sys.stderr)
     for name in quiet:
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -159,15 +159,18 @@ class Connection:
         self.hello = hello
         self._emit(FrameType.HELLO, 0, hello.encode())
 
-    def accept(self, heartbeat_interval: float = 1.0, session_id: str | None = None) -> Welcome:
-        """(edge) Accept the HELLO just received."""
+    def accept(self, heartbeat_interval: float = 1.0, session_id: str | None = None, process: int = 0,
+               processes: int = 1) -> Welcome:
+        """(edge) Accept the HELLO just received; `process` of `processes` names
+        the edge process that accepted (`edge-proxy serve --processes N`)."""
         self._require_role(Role.EDGE)
         if self.hello is None or self.state is not State.HANDSHAKE:
             raise UsageError("accept() needs a pending HELLO")
         version = choose_version(self.hello.versions)
         if version is None:
             raise UsageError("no common protocol version; call reject()")
-        welcome = Welcome(version, session_id or uuid.uuid4().hex, heartbeat_interval, self.local_settings)
+        welcome = Welcome(version, session_id or uuid.uuid4().hex, heartbeat_interval, self.local_settings, process,
+                          processes)
         self.welcome = welcome
         self.version = version
         self._emit(FrameType.WELCOME, 0, welcome.encode())

@@ -75,7 +75,10 @@ class Hello:
     edge tells a reconnect (same instance) from a second process claiming the
     same `agent_id` (another instance). `health_path` is where the edge checks
     the agent's upstream. Both are optional on the wire ("" = not declared),
-    so HELLOs of older agents still decode."""
+    so HELLOs of older agents still decode. `process_aware`: the agent reads
+    WELCOME's `process`/`processes`, holds tunnels to every process of an edge
+    and confirms each tunnel with its first STATUS (or ends it as a duplicate
+    with GOAWAY NO_ERROR); optional, false when absent."""
 
     agent_id: str
     pool: str = "default"
@@ -86,6 +89,7 @@ class Hello:
     settings: PeerSettings = field(default_factory=PeerSettings)
     instance: str = ""
     health_path: str = ""
+    process_aware: bool = False
 
     def encode(self) -> bytes:
         obj: dict[str, Any] = {
@@ -101,6 +105,8 @@ class Hello:
             obj["instance"] = self.instance
         if self.health_path:
             obj["health_path"] = self.health_path
+        if self.process_aware:
+            obj["process_aware"] = True
         return json.dumps(obj).encode()
 
     @classmethod
@@ -136,25 +142,43 @@ class Hello:
         health_path = obj.get("health_path", "")
         if not isinstance(health_path, str) or (health_path and not _PATH.match(health_path)):
             raise ProtocolError("HELLO health_path must be a path starting with '/' (printable ASCII, at most 1024)")
-        return cls(agent_id, pool, capacity, software, dict(labels), tuple(versions), settings, instance, health_path)
+        process_aware = obj.get("process_aware", False)
+        if not isinstance(process_aware, bool):
+            raise ProtocolError("HELLO process_aware must be a boolean")
+        return cls(agent_id, pool, capacity, software, dict(labels), tuple(versions), settings, instance, health_path,
+                   process_aware)
+
+
+MAX_PROCESSES = 1024
 
 
 @dataclass(frozen=True, slots=True)
 class Welcome:
+    """The edge's answer. `process` is the index (0..processes-1) of the edge
+    process that accepted this tunnel and `processes` how many share the
+    edge's port (`edge-proxy serve --processes N`): an agent must hold a
+    tunnel to every index to be reachable from every process. Optional on the
+    wire: an edge that sends neither is one process (0 of 1), and old agents
+    ignore them."""
+
     version: int
     session_id: str
     heartbeat_interval: float = 1.0
     settings: PeerSettings = field(default_factory=PeerSettings)
+    process: int = 0
+    processes: int = 1
 
     def encode(self) -> bytes:
-        return json.dumps(
-            {
-                "version": self.version,
-                "session_id": self.session_id,
-                "heartbeat_interval": self.heartbeat_interval,
-                "settings": self.settings.to_json(),
-            }
-        ).encode()
+        obj: dict[str, Any] = {
+            "version": self.version,
+            "session_id": self.session_id,
+            "heartbeat_interval": self.heartbeat_interval,
+            "settings": self.settings.to_json(),
+        }
+        if self.processes != 1 or self.process != 0:
+            obj["process"] = self.process
+            obj["processes"] = self.processes
+        return json.dumps(obj).encode()
 
     @classmethod
     def decode(cls, payload: bytes) -> Welcome:
@@ -168,7 +192,14 @@ class Welcome:
         interval = obj.get("heartbeat_interval", 1.0)
         if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not 0.01 <= interval <= 3600:
             raise ProtocolError("WELCOME heartbeat_interval out of range")
-        return cls(int(version), session_id, float(interval), PeerSettings.from_json(obj.get("settings", {})))
+        processes = obj.get("processes", 1)
+        if not isinstance(processes, int) or isinstance(processes, bool) or not 1 <= processes <= MAX_PROCESSES:
+            raise ProtocolError(f"WELCOME processes must be an integer in 1..{MAX_PROCESSES}")
+        process = obj.get("process", 0)
+        if not isinstance(process, int) or isinstance(process, bool) or not 0 <= process < processes:
+            raise ProtocolError("WELCOME process must be an integer in 0..processes-1")
+        return cls(int(version), session_id, float(interval), PeerSettings.from_json(obj.get("settings", {})),
+                   process, processes)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,22 +1,26 @@
-"""The worker agent: keeps a tunnel to every edge (tunnel_client.py), admits
-streams within `--capacity`, probes the upstream's health and reports it,
-drains on SIGTERM."""
+"""The worker agent: keeps a tunnel to every edge (tunnel_client.py) and, when
+an edge is several processes on one port, to every process of it
+(coverage.py), admits streams within `--capacity`, probes the upstream's
+health and reports it, drains on SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import secrets
+import time
 
 import aiohttp
 
 from runtime.cli import StartupError
 from tunnel import (
     PeerSettings,
+    Welcome,
 )
 
 from . import websocket
 from .config import AgentConfig
+from .coverage import EdgeCoverage
 from .tunnel_client import TunnelClient, client_ssl_context
 from .upstream import UpstreamPool
 
@@ -39,6 +43,9 @@ class Agent:
         self.settings = PeerSettings()
         self.ssl_context = client_ssl_context(config)
         self.clients = [TunnelClient(self, url, i) for url in config.edges for i in range(config.tunnels_per_edge)]
+        # Per edge URL: which of its processes our tunnels reach (`--processes N` edges).
+        self.coverage = {url: EdgeCoverage(config.tunnels_per_edge) for url in config.edges}
+        self._tasks: dict[TunnelClient, asyncio.Task[None]] = {}
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -94,7 +101,9 @@ class Agent:
         async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as http:
             self.http = http
             await self.probe_once()
-            tasks = [asyncio.create_task(c.run_forever(), name=c.name) for c in self.clients]
+            tasks = self._tasks
+            for c in self.clients:
+                tasks[c] = asyncio.create_task(c.run_forever(), name=c.name)
             prober = asyncio.create_task(self._probe_loop())
             await self.stopping.wait()
             log.info("draining: GOAWAY to every edge, up to %.0f s for %d in-flight request(s)", self.config.grace,
@@ -110,9 +119,10 @@ class Agent:
             for c in self.clients:
                 if c.ws is not None:
                     await c.ws.close()
-            for t in tasks:
+            running = list(tasks.values())
+            for t in running:
                 t.cancel()
-            await asyncio.gather(*tasks, prober, return_exceptions=True)
+            await asyncio.gather(*running, prober, return_exceptions=True)
             self.upstream.close()
         log.info("agent stopped")
 
@@ -126,3 +136,40 @@ class Agent:
             log.error("%s", reason)
         self.stopping.set()
 
+    # ---------------------------------------------- several edge processes
+    def tunnel_welcomed(self, client: TunnelClient, welcome: Welcome) -> bool:
+        """Keep this tunnel (True), or end it: its edge process already has
+        its `--tunnels-per-edge` from us. Adds tunnels when the edge turns
+        out to be several processes."""
+        cov = self.coverage[client.url]
+        keep = cov.claim(client.index, welcome.process, welcome.processes)
+        if keep:
+            self._report(client.url)
+        for c, t in list(self._tasks.items()):  # slots that stopped (the edge had fewer processes)
+            if t.done():
+                del self._tasks[c]
+                self.clients.remove(c)
+        have = {c.index for c in self.clients if c.url == client.url}
+        for i in range(cov.wanted):
+            if i not in have and not self.stopping.is_set():
+                extra = TunnelClient(self, client.url, i)
+                self.clients.append(extra)
+                self._tasks[extra] = asyncio.create_task(extra.run_forever(), name=extra.name)
+        return keep
+
+    def tunnel_ended(self, client: TunnelClient) -> None:
+        self.coverage[client.url].release(client.index)
+        if not self.stopping.is_set():
+            self._report(client.url)
+
+    def duplicate_delay(self, client: TunnelClient) -> float | None:
+        """Seconds before `client` dials again after landing on a process it
+        holds already; None: this tunnel is not needed any more."""
+        return self.coverage[client.url].duplicate_delay(client.index)
+
+    def _report(self, url: str) -> None:
+        cov = self.coverage[url]
+        before = cov.reported
+        line = cov.report(time.monotonic())
+        if line is not None and (cov.processes > 1 or before[1] > 1):
+            log.info("tunnels to edge %s: %s", url, line)

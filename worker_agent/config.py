@@ -59,7 +59,8 @@ class AgentConfig:
                            help="worker id, unique per edge; the edge refuses a second live process with the same id. "
                                 "The default (4 random hex digits at the end) is unique per process; set it for a "
                                 "name that survives restarts")
-    tunnels_per_edge: int = option(1, group=WORK, help="parallel tunnels to each edge")
+    tunnels_per_edge: int = option(1, group=WORK, help="parallel tunnels to each edge; to each of its processes "
+                                                        "when it runs several (edge-proxy serve --processes N)")
     labels: dict[str, str] = option(default_factory=dict, flag="--label", repeat=True, parse=parse_label,
                                     group=WORK, metavar="KEY=VALUE",
                                     help="KEY=VALUE shown at the edge; repeat (the variable is comma-separated)")

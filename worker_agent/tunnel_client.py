@@ -30,6 +30,7 @@ from tunnel import (
     Role,
     State,
     StreamReset,
+    Welcome,
     WelcomeReceived,
     WorkerStatus,
 )
@@ -65,6 +66,12 @@ class AgentHost(Protocol):
 
     def fail(self, reason: str) -> None: ...
 
+    def tunnel_welcomed(self, client: TunnelClient, welcome: Welcome) -> bool: ...
+
+    def tunnel_ended(self, client: TunnelClient) -> None: ...
+
+    def duplicate_delay(self, client: TunnelClient) -> float | None: ...
+
 
 def client_ssl_context(cfg: AgentConfig) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
@@ -94,6 +101,10 @@ class EdgeRefused(Exception):
         super().__init__(f"{code.name}: {reason}")
         self.code = code
         self.reason = reason
+
+
+class DuplicateProcess(Exception):
+    """The tunnel landed on an edge process we hold enough tunnels to already."""
 
 
 class TunnelClient:
@@ -126,6 +137,14 @@ class TunnelClient:
             try:
                 await self._session()
                 error = "edge closed the tunnel" if not self._edge_draining else "edge is draining"
+            except DuplicateProcess:
+                # Expected with a several-process edge: dial again, no backoff, no log.
+                self.connected.clear()
+                dup_delay = self.agent.duplicate_delay(self)
+                if dup_delay is None:
+                    break
+                await self._wait(dup_delay)
+                continue
             except EdgeRefused as exc:
                 refused = True
                 if exc.code is ErrorCode.DUPLICATE_ID:
@@ -215,7 +234,7 @@ class TunnelClient:
             labels = dict(cfg.labels)
             labels["tunnel"] = str(self.index)
             conn.send_hello(Hello(cfg.agent_id, cfg.pool, cfg.capacity, f"worker-agent/{__version__}", labels,
-                                  instance=self.agent.instance, health_path=cfg.health_path))
+                                  instance=self.agent.instance, health_path=cfg.health_path, process_aware=True))
             io.start()
             try:
                 reader = asyncio.create_task(self._read_loop(ws, io))
@@ -231,11 +250,23 @@ class TunnelClient:
                         reader.result()  # raise why it ended
                         raise ConnectionError(io.close_reason or "edge closed the tunnel during the handshake")
                     raise TimeoutError("no WELCOME from the edge within 10 s")
-                log.info("tunnel %s up (pool %s, capacity %d)", self.name, cfg.pool, cfg.capacity)
+                welcome = self._welcome.result().welcome
+                if not self.agent.tunnel_welcomed(self, welcome):
+                    # A several-process edge sent us to a process we hold already:
+                    # end it before it carries anything (the edge sends nothing to
+                    # it until our first STATUS, which it never gets).
+                    conn.goaway(ErrorCode.NO_ERROR, "duplicate process")
+                    io.flush()
+                    await io.drain_output()
+                    reader.cancel()
+                    raise DuplicateProcess()
+                where = f", edge process {welcome.process} of {welcome.processes}" if welcome.processes > 1 else ""
+                log.info("tunnel %s up (pool %s, capacity %d%s)", self.name, cfg.pool, cfg.capacity, where)
                 self.connected.set()
                 self.send_status()
                 await reader
             finally:
+                self.agent.tunnel_ended(self)
                 await self._stop_streams(io)
 
     async def _read_loop(self, ws: ClientConnection, io: TunnelIO) -> None:

@@ -197,7 +197,10 @@ function render(data) {
   const e = data.edge;
   $("summary").textContent = `up ${Math.round(e.uptime_s)} s · ${e.in_flight} in flight · ${e.tunnels} tunnel(s)` +
     (e.direct ? ` · ${e.direct} direct worker(s)` : "") +
-    (e.draining ? " · DRAINING" : "");
+    (e.draining ? " · DRAINING" : "") +
+    // --processes N: this page shows the one process the browser's connection landed on.
+    (e.processes > 1 ? ` · edge process ${e.process} of ${e.processes} (this page shows that process only; ` +
+      "/_edge/workers and /_edge/metrics show all)" : "");
   $("recorder").textContent = data.recorder.capacity
     ? `(the edge keeps the last ${data.recorder.capacity}; paths without query strings, no bodies, keys by name)`
     : "(off: --inspector-requests 0)";

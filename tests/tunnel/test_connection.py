@@ -268,3 +268,62 @@ def test_resetting_a_stream_whose_head_never_left_sends_nothing():
     edge.send_request(sid2, RequestHead("GET", "/"), end_stream=True)
     (ev,) = pump(edge, agent)
     assert isinstance(ev, RequestReceived) and ev.stream_id == sid2
+
+
+# --------------------------------------------- several edge processes (WELCOME process/processes)
+def test_welcome_names_the_accepting_process_and_how_many_share_the_port():
+    edge = Connection(Role.EDGE)
+    agent = Connection(Role.AGENT)
+    agent.send_hello(Hello("w1", process_aware=True))
+    (ev,) = pump(agent, edge)
+    assert isinstance(ev, HelloReceived) and ev.hello.process_aware
+    edge.accept(process=1, processes=3)
+    (ev2,) = pump(edge, agent)
+    assert isinstance(ev2, WelcomeReceived)
+    assert (ev2.welcome.process, ev2.welcome.processes) == (1, 3)
+
+
+def test_one_process_edge_sends_no_process_fields_and_old_welcomes_mean_0_of_1():
+    import json
+
+    from tunnel.handshake import Welcome
+
+    one = json.loads(Welcome(1, "s").encode())
+    assert "process" not in one and "processes" not in one  # byte-for-byte what an old edge sends
+    old = Welcome.decode(json.dumps({"version": 1, "session_id": "s"}).encode())
+    assert (old.process, old.processes) == (0, 1)
+    assert "process_aware" not in json.loads(Hello("w1").encode())  # an unaware HELLO is unchanged
+    assert not Hello.decode(json.dumps({"versions": [1], "agent_id": "w1"}).encode()).process_aware
+
+
+def test_old_agent_decoding_ignores_the_new_welcome_fields():
+    """An old agent's decoder reads only the keys it knows: the new ones must
+    not disturb them (simulated by decoding with the fields and dropping them)."""
+    import json
+
+    from tunnel.handshake import Welcome
+
+    wire = json.loads(Welcome(1, "s", 0.5, process=1, processes=2).encode())
+    assert wire["process"] == 1 and wire["processes"] == 2
+    old_view = {k: wire[k] for k in ("version", "session_id", "heartbeat_interval", "settings")}
+    assert Welcome.decode(json.dumps(old_view).encode()).heartbeat_interval == 0.5
+
+
+@pytest.mark.parametrize("fields", [
+    {"processes": 0}, {"processes": 2000}, {"processes": True}, {"processes": "2"},
+    {"process": 2, "processes": 2}, {"process": -1, "processes": 2}, {"process": 1}, {"process": 0.5, "processes": 2},
+])
+def test_malformed_process_fields_are_protocol_errors(fields):
+    import json
+
+    from tunnel.handshake import Welcome
+
+    with pytest.raises(ProtocolError):
+        Welcome.decode(json.dumps({"version": 1, "session_id": "s", **fields}).encode())
+
+
+def test_malformed_process_aware_is_a_protocol_error():
+    import json
+
+    with pytest.raises(ProtocolError):
+        Hello.decode(json.dumps({"versions": [1], "agent_id": "w1", "process_aware": "yes"}).encode())
