@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -251,3 +252,34 @@ async def test_a_key_rate_is_shared_out_between_the_processes(system: System) ->
         await asyncio.gather(*(one(s) for _ in range(12)))
     assert set(statuses) <= {200, 429}
     assert 1 <= statuses.count(200) <= 6, statuses
+
+
+async def test_direct_workers_are_dialled_by_every_process_and_reloaded_by_each_on_sighup(
+        system: System, tmp_path: Path) -> None:
+    _, up1 = await system.upstream("up1")
+    _, up2 = await system.upstream("up2")
+    listing = tmp_path / "directs"
+    listing.write_text(f"default={up1},id=d1,capacity=5\n")
+    edge_proc, edge = await system.edge("edge", None, "--processes", "2", "--directs", str(listing))
+    seen: dict[str, Any] = {}
+
+    async def at_both(worker: str, gone: str | None = None) -> bool:
+        nonlocal seen
+        seen = await merged(system, edge)
+        parts = tunnels_by_process(seen, worker)
+        ids = {w["id"] for w in seen["workers"]}
+        return set(parts) == {"0", "1"} and all(p["available"] for p in parts.values()) and gone not in ids
+
+    await wait_for(lambda: at_both("d1"), 20, lambda: f"d1 checked by both processes: {seen}\n{system.logs()}")
+    d1 = next(w for w in seen["workers"] if w["id"] == "d1")
+    assert d1["kind"] == "direct" and "tunnels" not in d1
+    assert {p["capacity"] for p in d1["processes"].values()} == {3}  # ceil(5 / 2) each: no more than 5 in all
+    async with system.http().get(edge + "/", headers=system.auth()) as r:
+        assert r.status == 200
+    listing.write_text(f"default={up2},id=d2\n")
+    edge_proc.signal(signal.SIGHUP)
+    await wait_for(lambda: at_both("d2", gone="d1"), 20, lambda: f"d2 in, d1 out: {seen}\n{system.logs()}")
+    assert edge_proc.alive() and "ended on SIGHUP" not in edge_proc.log()  # reloaded, not restarted
+    async with system.http().get(edge + "/_edge/metrics", headers=system.auth()) as r:
+        text = await r.text()
+    assert 'edge_worker_info{kind="direct",pool="default",worker="d2"} 1.0' in text
