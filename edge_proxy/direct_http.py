@@ -51,6 +51,7 @@ class _Body:
         self.state, self.body, self.request_id, self.session = state, body, request_id, session
         self.failure: BodyStalled | BodyTooLarge | None = None
         self.client_gone = False
+        self.finished = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
@@ -60,11 +61,21 @@ class _Body:
             self.failure = exc
             raise
         except OSError as exc:  # ConnectionResetError and kin: the client is gone
-            self.client_gone = True
-            self.state.metrics.upload_aborts.labels(self.session.spec.pool).inc()
-            log.info("request %s: the client aborted its upload to worker %s after %d bytes (%s)", self.request_id,
-                     self.session.spec.id, self.body.read, str(exc) or exc.__class__.__name__)
+            self._aborted(str(exc) or exc.__class__.__name__)
             raise
+        self.finished = True
+
+    def cancelled(self) -> None:
+        """The handler was cancelled (its client's connection closed) while
+        the body was still due: an abort too, whoever noticed it first."""
+        if not self.finished and not self.client_gone and self.failure is None:
+            self._aborted("connection closed")
+
+    def _aborted(self, cause: str) -> None:
+        self.client_gone = True
+        self.state.metrics.upload_aborts.labels(self.session.spec.pool).inc()
+        log.info("request %s: the client aborted its upload to worker %s after %d bytes (%s)", self.request_id,
+                 self.session.spec.id, self.body.read, cause)
 
 
 def _headers_of(resp: aiohttp.ClientResponse) -> Headers:
@@ -91,6 +102,10 @@ async def exchange(state: EdgeState, request: web.Request, request_id: str, sess
                     resp = await session.client.request(
                         head.method, session.url(head.target), headers=headers, allow_redirects=False,
                         data=upload.chunks() if upload is not None else None)
+        except asyncio.CancelledError:
+            if upload is not None:
+                upload.cancelled()
+            raise
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             why = f"cannot connect: {exc}"
             session.unreachable(why)
