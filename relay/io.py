@@ -225,8 +225,9 @@ class TunnelIO:
                 pass
 
     # --------------------------------------------------------------- input
-    def feed(self, data: bytes) -> None:
-        """Process one received message. ProtocolError propagates: the owner
+    def feed(self, data: bytes | memoryview) -> None:
+        """Process received bytes (a message, or any piece of the byte stream
+        the messages make). ProtocolError propagates: the owner
         must then `drain_output()` (the GOAWAY) and close the transport."""
         self.bytes_in += len(data)
         self.heartbeat.on_receive(self.clock())

@@ -294,7 +294,7 @@ class Connection:
         self._streams.clear()
 
     # -------------------------------------------------------------- receive
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed bytes from the peer. Raises `ProtocolError` (only) on bad input;
         the connection is then unusable and should be closed."""
         if self.state is State.CLOSED:
