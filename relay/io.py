@@ -160,9 +160,19 @@ class TunnelIO:
         heartbeat: Heartbeat,
         on_dead: Callable[[str], None],
         clock: Callable[[], float] = time.monotonic,
+        write: Callable[[list[bytes | memoryview]], bool] | None = None,
+        drain: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.conn = conn
         self._send = send
+        # The synchronous path (both or neither): `write` puts frames on the
+        # transport at once as one message and says whether it may take more
+        # now; `drain` waits until it may. Then frames leave once per loop
+        # iteration from a callback, with no writer task step and no join.
+        self._write = write
+        self._drain = drain
+        self._soon: asyncio.Handle | None = None
+        self._blocked = False
         self._on_event = on_event
         self._on_dead = on_dead
         self.heartbeat = heartbeat
@@ -206,17 +216,26 @@ class TunnelIO:
                     pass
 
     def forget_owner(self) -> None:
-        """After `close()`: drop the owner's callbacks and the finished tasks.
+        """After `close()`: drop the owner's callbacks (writers included) and the finished tasks.
         Both hold the owner or this object (a bound method; a cancelled task's
         traceback), so without this a closed tunnel's objects form reference
         cycles and wait for a full garbage collection; with it, reference
         counting frees them when the owner lets go."""
         self._on_event = _ignore_event
         self._on_dead = _ignore_dead
+        self._write = self._drain = None
         self._tasks = []
 
     async def drain_output(self) -> None:
         """Send whatever is queued (used before closing, e.g. a GOAWAY)."""
+        if self._write is not None:
+            frames = self.conn.frames_to_send()
+            if frames:
+                try:
+                    self._write(frames)
+                except Exception:  # the transport is going away anyway
+                    pass
+            return
         data = self.conn.data_to_send()
         if data:
             try:
@@ -273,7 +292,33 @@ class TunnelIO:
 
     # -------------------------------------------------------------- output
     def flush(self) -> None:
-        self._wake.set()
+        """Send what the connection has queued: at the end of this loop
+        iteration, so that everything queued in it leaves as one message."""
+        if self._write is None:
+            self._wake.set()
+        elif self._soon is None and not self._blocked:
+            self._soon = asyncio.get_running_loop().call_soon(self._write_soon)
+
+    def _write_soon(self) -> None:
+        self._soon = None
+        if self.closed.is_set():
+            return
+        frames = self.conn.frames_to_send()
+        if not frames:
+            return
+        assert self._write is not None
+        try:
+            more = self._write(frames)
+        except Exception as exc:
+            log.debug("tunnel write failed: %s", exc)
+            self._on_dead(f"send failed: {exc}")
+            return
+        if not more:
+            # Over the transport's high-water mark: the writer task waits for
+            # it to drain; frames queue in the connection meanwhile (bounded
+            # by the peer's flow-control windows).
+            self._blocked = True
+            self._wake.set()
 
     def register(self, stream_id: int) -> StreamChannel:
         ch = StreamChannel(stream_id)
@@ -368,6 +413,11 @@ class TunnelIO:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
+                if self._drain is not None:
+                    await self._drain()
+                    self._blocked = False
+                    self._write_soon()
+                    continue
                 data = self.conn.data_to_send()
                 if data:
                     await self._send(data)

@@ -150,6 +150,14 @@ class Connection:
         self._out.clear()
         return out
 
+    def frames_to_send(self) -> list[bytes | memoryview]:
+        """What `data_to_send()` would join, unjoined: frame headers and
+        DATA payloads as the senders gave them (views included), for a
+        writer that can write several buffers without a copy."""
+        out = self._out
+        self._out = []
+        return out
+
     # ------------------------------------------------------------- handshake
     def send_hello(self, hello: Hello) -> None:
         self._require_role(Role.AGENT)

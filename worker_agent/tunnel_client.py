@@ -224,8 +224,12 @@ class TunnelClient:
             self.ws = ws
             self._edge_draining = False
             conn = Connection(Role.AGENT, settings)
-            io = TunnelIO(conn, ws.send, self._on_event, Heartbeat(cfg.heartbeat_interval, cfg.dead_after),
-                          self._on_dead)
+            hb = Heartbeat(cfg.heartbeat_interval, cfg.dead_after)
+            if isinstance(ws, wsconn.WSConnection):
+                io = TunnelIO(conn, ws.send, self._on_event, hb, self._on_dead, write=ws.write_frames,
+                              drain=ws.drain)
+            else:
+                io = TunnelIO(conn, ws.send, self._on_event, hb, self._on_dead)
             self.io = io
             self._welcome = asyncio.get_running_loop().create_future()
             labels = dict(cfg.labels)

@@ -307,6 +307,23 @@ class WSConnection(asyncio.Protocol):
                 self._drain = asyncio.get_running_loop().create_future()
             await self._drain
 
+    def write_frames(self, frames: list[bytes | memoryview]) -> bool:
+        """Send the frames as one binary message now; False when the transport
+        is above its high-water mark (then `drain()` before writing more)."""
+        protocol = self.protocol
+        if protocol.state is not State.OPEN:
+            raise ConnectionError("the WebSocket connection is closing")
+        protocol.send_binary(frames[0] if len(frames) == 1 else b"".join(frames))
+        self.transport.writelines(protocol.data_to_send())
+        return not self._paused
+
+    async def drain(self) -> None:
+        """Wait until the transport takes more (ConnectionError if it is lost)."""
+        if self._paused:
+            if self._drain is None or self._drain.done():
+                self._drain = asyncio.get_running_loop().create_future()
+            await self._drain
+
     def send_now(self, data: bytes) -> None:
         """Send one binary message without waiting (a last word before a close)."""
         if data and self.protocol.state is State.OPEN:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import InvalidStatus
 
-from tests.harness import make_pki
+from tests.harness import make_pki, wait_for
 from worker_agent import wsconn
 
 SIZES = [0, 1, 125, 126, 127, 65535, 65536, 200_000, 3]
@@ -111,14 +111,13 @@ async def test_sent_messages_are_echoed_whole(server) -> None:
         await ws.send(m)
     want = b"".join(msgs)
 
-    async def all_back() -> None:
-        while len(got) < len(want):
-            await asyncio.sleep(0.01)
+    async def all_back() -> bool:
+        return len(got) >= len(want)
 
-    await asyncio.wait_for(all_back(), 20)
+    await wait_for(all_back, 20, "the echo of every message")
     assert bytes(got) == want and s.received == msgs
     await ws.close(1001, "going away")
-    assert await _eventually(lambda: s.close_codes == [1001])
+    await wait_for(_is(lambda: s.close_codes == [1001]), 10, lambda: f"close codes {s.close_codes}")
 
 
 async def test_a_text_message_ends_reading_with_an_error(server) -> None:
@@ -138,7 +137,7 @@ async def test_a_message_over_max_size_is_closed_with_1009(server) -> None:
     await asyncio.wait_for(ws.done, 10)
     await ws.close()
     assert not got
-    assert await _eventually(lambda: s.close_codes == [1009])
+    await wait_for(_is(lambda: s.close_codes == [1009]), 10, lambda: f"close codes {s.close_codes}")
 
 
 async def test_a_refused_handshake_raises_invalid_status_with_its_code(server) -> None:
@@ -154,10 +153,8 @@ async def test_an_untrusted_certificate_fails_the_connect(server) -> None:
         await open_ws(base + "/echo", ssl.create_default_context())
 
 
-async def _eventually(cond, timeout: float = 10) -> bool:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        if asyncio.get_running_loop().time() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
+def _is(cond: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return cond()
+
+    return check
