@@ -17,6 +17,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from relay.io import StreamChannel, TunnelIO
 from runtime.cli import StartupError
+from runtime.tlsread import record_sized_reads
 from tunnel import (
     Connection,
     ErrorCode,
@@ -68,6 +69,7 @@ class AgentHost(Protocol):
 
 def client_ssl_context(cfg: AgentConfig) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    record_sized_reads(ctx)  # no 256 KiB buffer per TLS read (runtime/tlsread.py)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cfg.ca:
         try:
