@@ -28,9 +28,8 @@ while the transport's buffer is above its high-water mark
 tunnel's own flow control (the edge never sends beyond the windows we
 announced), plus one message in assembly (at most `max_size`).
 
-Not supported here: HTTP/SOCKS proxies (the agent uses websockets' asyncio
-client when one is configured for the edge URL) and permessage-deflate
-(the tunnel never offers it).
+Not supported: HTTP/SOCKS proxies (the agent then uses websockets' asyncio
+client) and permessage-deflate (the tunnel never offers it).
 """
 
 from __future__ import annotations
@@ -368,7 +367,7 @@ class WSConnection(asyncio.Protocol):
             await self._lost
 
     @property
-    def closed_exc(self) -> ConnectionClosed | None:
+    def closed_exc(self) -> ConnectionClosed | None:  # how it closed, once it has
         return self.protocol.close_exc if self.protocol.state is State.CLOSED else None
 
 
