@@ -34,6 +34,7 @@ class Server:
         self.received: list[bytes] = []
         self.close_codes: list[int | None] = []
         self.pong = asyncio.Event()
+        self.go = asyncio.Event()
 
     async def handler(self, ws: ServerConnection) -> None:
         path = ws.request.path if ws.request else ""
@@ -56,6 +57,10 @@ class Server:
             elif path == "/big":
                 await ws.send(b"x" * (MAX + 1))
                 await ws.wait_closed()
+            elif path == "/slow":  # reads nothing until told, then everything
+                await self.go.wait()
+                async for msg in ws:
+                    self.received.append(msg)  # type: ignore[arg-type]
             elif path == "/echo":
                 async for msg in ws:
                     assert isinstance(msg, bytes)
@@ -78,9 +83,12 @@ async def server(tmp_path: Path) -> AsyncIterator[tuple[Server, str, ssl.SSLCont
         return None
 
     async with serve(s.handler, "127.0.0.1", 0, ssl=sctx, process_request=refuse, max_size=None,
-                     compression=None) as srv:
+                     compression=None, max_queue=1) as srv:
         port = srv.sockets[0].getsockname()[1]
-        yield s, f"wss://localhost:{port}", pki.client_ssl()
+        try:
+            yield s, f"wss://localhost:{port}", pki.client_ssl()
+        finally:
+            s.go.set()  # a handler still waiting must not hold the server's close
 
 
 async def open_ws(url: str, ctx: ssl.SSLContext) -> wsconn.WSConnection:
@@ -158,3 +166,39 @@ def _is(cond: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
         return cond()
 
     return check
+
+
+async def test_a_full_transport_makes_writers_wait_until_it_drains(server) -> None:
+    s, base, ctx = server
+    ws = await open_ws(base + "/slow", ctx)
+    ws.start(lambda data: None)
+    piece = os.urandom(256 * 1024)
+    sent = 0
+    while True:  # the server reads nothing: the transport, then the kernel's buffers fill up
+        more = ws.write_frames([piece])
+        sent += 1
+        assert sent < 2000, "the transport never stayed full"
+        if not more:
+            drained = asyncio.ensure_future(ws.drain())
+            await asyncio.wait([drained], timeout=0.3)
+            if not drained.done():
+                break  # full for good: nobody reads
+    s.go.set()
+    await asyncio.wait_for(drained, 20)
+    await wait_for(_is(lambda: len(s.received) == sent), 20, lambda: f"{len(s.received)} of {sent} messages")
+    assert all(m == piece for m in s.received)
+    await ws.close()
+
+
+async def test_a_silent_server_times_the_open_out() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # never answers the handshake
+
+    srv = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(TimeoutError):
+            await wsconn.connect(f"ws://127.0.0.1:{port}/", ssl_context=None, headers={}, user_agent=None,
+                                 max_size=MAX, open_timeout=0.3, close_timeout=1)
+    finally:
+        srv.close()
