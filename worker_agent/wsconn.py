@@ -102,9 +102,8 @@ class WSConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self._receive(data)
-        except Exception as exc:  # from on_data (or a bug): reading ends with it
+        except Exception as exc:  # from on_data (or a bug): reading ends with it; the owner closes
             self._stop(exc)
-            self.transport.abort()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost follows
@@ -340,7 +339,6 @@ class WSConnection(asyncio.Protocol):
                 on_data(bytes(piece))
         except Exception as exc:
             self._stop(exc)
-            self.transport.abort()
 
     def _stop(self, exc: BaseException | None) -> None:
         self._mode = _STOPPED
