@@ -17,6 +17,7 @@ from aiohttp import web
 from runtime import allocator, settings
 from runtime import eventloop as loop
 from runtime.cli import StartupError, run_main, setup_logging
+from runtime.tlsread import record_sized_reads
 
 from . import auth, certs, direct_spec, siblings, supervisor, vpn
 from .app import drain, make_app
@@ -87,6 +88,7 @@ def config_from_args(a: argparse.Namespace) -> EdgeConfig:
 
 def server_ssl_context(cfg: EdgeConfig) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    record_sized_reads(ctx)  # no 256 KiB buffer per TLS read (runtime/tlsread.py)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         ctx.load_cert_chain(cfg.cert or "", cfg.key)

@@ -1,6 +1,6 @@
 """The asyncio shell around the sans-I/O `tunnel.Connection`, shared by the
-edge and the agent: a writer task that coalesces frames into transport
-messages, one `StreamChannel` per stream, send-side flow control waits,
+edge and the agent: frames written once per loop iteration as one transport
+message, one `StreamChannel` (channel.py) per stream, send-side flow control waits,
 reading a stream with acknowledgement, heartbeats. The protocol core in
 `tunnel/` stays sans-I/O; this is where it meets asyncio and the clock.
 """
@@ -8,7 +8,6 @@ reading a stream with acknowledgement, heartbeats. The protocol core in
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,8 +22,11 @@ from tunnel.events import (
     StreamReset,
     WindowUpdated,
 )
-from tunnel.frames import ResponseHead
 from tunnel.heartbeat import Heartbeat
+
+from .channel import StreamChannel
+
+__all__ = ["StreamChannel", "TunnelIO"]
 
 log = logging.getLogger(__name__)
 
@@ -35,111 +37,6 @@ def _ignore_event(ev: Event) -> None:
 
 def _ignore_dead(reason: str) -> None:
     pass
-
-
-class _Chunks:
-    """A stream's received body: chunks, then None at the end, or a
-    StreamError. An `asyncio.Queue` without its per-stream cost (two
-    deques, a dict of getters, a loop lookup): one deque, one waiter."""
-
-    __slots__ = ("items", "waiter")
-
-    def __init__(self) -> None:
-        self.items: collections.deque[bytes | None | StreamError] = collections.deque()
-        self.waiter: asyncio.Future[None] | None = None
-
-    def put_nowait(self, item: bytes | None | StreamError) -> None:
-        self.items.append(item)
-        w = self.waiter
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    def empty(self) -> bool:
-        return not self.items
-
-    def get_nowait(self) -> bytes | None | StreamError:
-        return self.items.popleft()  # IndexError when empty, as asyncio.Queue's QueueEmpty
-
-    async def get(self) -> bytes | None | StreamError:
-        while not self.items:
-            self.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
-        return self.items.popleft()
-
-
-class StreamChannel:
-    """One stream as seen by application code: the response head (edge side),
-    a queue of body chunks ending with None, and a send-window signal."""
-
-    __slots__ = ("stream_id", "_head", "body", "_window", "error", "ended", "outbound")
-
-    def __init__(self, stream_id: int) -> None:
-        self.stream_id = stream_id
-        self._head: asyncio.Future[ResponseHead] | None = None  # made when first asked for (the agent never does)
-        self.body = _Chunks()
-        self._window: asyncio.Future[None] | None = None  # a sender waiting for credit
-        self.error: StreamError | None = None
-        self.ended = False  # the peer's END was read by the application
-        self.outbound = 0  # request bytes handed to the tunnel
-
-    @property
-    def head(self) -> asyncio.Future[ResponseHead]:
-        if self._head is None:
-            self._head = asyncio.get_running_loop().create_future()
-        return self._head
-
-    def window_opened(self) -> None:
-        w = self._window
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    async def wait_window(self) -> None:
-        self._window = asyncio.get_running_loop().create_future()
-        try:
-            await self._window
-        finally:
-            self._window = None
-
-    def fail(self, error: StreamError) -> None:
-        if self.error is not None:
-            return
-        self.error = error
-        head = self.head
-        if not head.done():
-            head.set_exception(error)
-            head.exception()  # mark retrieved: nobody may await it
-        self.body.put_nowait(error)
-        self.window_opened()
-
-    def read_nowait(self) -> bytes | None | StreamError | bool:
-        """The next item if one is there (False if none): the fast path of `read`."""
-        if self.ended:
-            return None
-        items = self.body.items
-        if not items:
-            return False
-        item = items[0]
-        if isinstance(item, StreamError):
-            raise item  # left in place: later readers see it too
-        items.popleft()
-        if item is None:
-            self.ended = True
-        return item
-
-    async def read(self) -> bytes | None:
-        """The next body chunk, or None at the end. Raises StreamError."""
-        if self.ended:
-            return None
-        item = await self.body.get()
-        if isinstance(item, StreamError):
-            self.body.items.appendleft(item)  # later readers see it too
-            raise item
-        if item is None:
-            self.ended = True
-        return item
 
 
 class TunnelIO:
@@ -160,9 +57,19 @@ class TunnelIO:
         heartbeat: Heartbeat,
         on_dead: Callable[[str], None],
         clock: Callable[[], float] = time.monotonic,
+        write: Callable[[list[bytes | memoryview]], bool] | None = None,
+        drain: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.conn = conn
         self._send = send
+        # The synchronous path (both or neither): `write` puts frames on the
+        # transport at once as one message and says whether it may take more
+        # now; `drain` waits until it may. Then frames leave once per loop
+        # iteration from a callback, with no writer task step and no join.
+        self._write = write
+        self._drain = drain
+        self._soon: asyncio.Handle | None = None
+        self._blocked = False
         self._on_event = on_event
         self._on_dead = on_dead
         self.heartbeat = heartbeat
@@ -206,17 +113,26 @@ class TunnelIO:
                     pass
 
     def forget_owner(self) -> None:
-        """After `close()`: drop the owner's callbacks and the finished tasks.
+        """After `close()`: drop the owner's callbacks (writers included) and the finished tasks.
         Both hold the owner or this object (a bound method; a cancelled task's
         traceback), so without this a closed tunnel's objects form reference
         cycles and wait for a full garbage collection; with it, reference
         counting frees them when the owner lets go."""
         self._on_event = _ignore_event
         self._on_dead = _ignore_dead
+        self._write = self._drain = None
         self._tasks = []
 
     async def drain_output(self) -> None:
         """Send whatever is queued (used before closing, e.g. a GOAWAY)."""
+        if self._write is not None:
+            frames = self.conn.frames_to_send()
+            if frames:
+                try:
+                    self._write(frames)
+                except Exception:  # the transport is going away anyway
+                    pass
+            return
         data = self.conn.data_to_send()
         if data:
             try:
@@ -225,8 +141,9 @@ class TunnelIO:
                 pass
 
     # --------------------------------------------------------------- input
-    def feed(self, data: bytes) -> None:
-        """Process one received message. ProtocolError propagates: the owner
+    def feed(self, data: bytes | memoryview) -> None:
+        """Process received bytes (a message, or any piece of the byte stream
+        the messages make). ProtocolError propagates: the owner
         must then `drain_output()` (the GOAWAY) and close the transport."""
         self.bytes_in += len(data)
         self.heartbeat.on_receive(self.clock())
@@ -272,7 +189,33 @@ class TunnelIO:
 
     # -------------------------------------------------------------- output
     def flush(self) -> None:
-        self._wake.set()
+        """Send what the connection has queued: at the end of this loop
+        iteration, so that everything queued in it leaves as one message."""
+        if self._write is None:
+            self._wake.set()
+        elif self._soon is None and not self._blocked:
+            self._soon = asyncio.get_running_loop().call_soon(self._write_soon)
+
+    def _write_soon(self) -> None:
+        self._soon = None
+        if self.closed.is_set():
+            return
+        frames = self.conn.frames_to_send()
+        if not frames:
+            return
+        assert self._write is not None
+        try:
+            more = self._write(frames)
+        except Exception as exc:
+            log.debug("tunnel write failed: %s", exc)
+            self._on_dead(f"send failed: {exc}")
+            return
+        if not more:
+            # Over the transport's high-water mark: the writer task waits for
+            # it to drain; frames queue in the connection meanwhile (bounded
+            # by the peer's flow-control windows).
+            self._blocked = True
+            self._wake.set()
 
     def register(self, stream_id: int) -> StreamChannel:
         ch = StreamChannel(stream_id)
@@ -367,6 +310,11 @@ class TunnelIO:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
+                if self._drain is not None:
+                    await self._drain()
+                    self._blocked = False
+                    self._write_soon()
+                    continue
                 data = self.conn.data_to_send()
                 if data:
                     await self._send(data)

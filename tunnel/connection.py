@@ -150,6 +150,14 @@ class Connection:
         self._out.clear()
         return out
 
+    def frames_to_send(self) -> list[bytes | memoryview]:
+        """What `data_to_send()` would join, unjoined: frame headers and
+        DATA payloads as the senders gave them (views included), for a
+        writer that can write several buffers without a copy."""
+        out = self._out
+        self._out = []
+        return out
+
     # ------------------------------------------------------------- handshake
     def send_hello(self, hello: Hello) -> None:
         self._require_role(Role.AGENT)
@@ -297,7 +305,7 @@ class Connection:
         self._streams.clear()
 
     # -------------------------------------------------------------- receive
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed bytes from the peer. Raises `ProtocolError` (only) on bad input;
         the connection is then unusable and should be closed."""
         if self.state is State.CLOSED:

@@ -68,34 +68,69 @@ def encode_frame(ftype: FrameType, stream_id: int, payload: bytes = b"", flags: 
 class FrameDecoder:
     """Turns a byte stream into frames, validating each header as soon as it is
     complete, so that a lying length never makes it buffer more than
-    `HEADER_SIZE + max_frame_size` bytes."""
+    `HEADER_SIZE + max_frame_size` bytes.
+
+    The input may be cut anywhere (the agent feeds WebSocket payloads piece
+    by piece as the transport reads them). Each payload is copied once: a
+    slice when the frame lies in one input, a join of the pieces when it
+    straddles several (held as views of read-only inputs until then)."""
 
     def __init__(self, max_frame_size: int) -> None:
         self.max_frame_size = max_frame_size
-        self._buffer = bytearray()
+        self._head = b""  # the start of a header cut by the end of an input
+        self._frame: tuple[FrameType, int, int] | None = None  # a frame whose payload is incomplete
+        self._parts: list[bytes | memoryview] = []  # its payload so far
+        self._missing = 0  # its missing payload bytes
+        self._held = 0  # bytes in _parts
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return len(self._head) + self._held
 
-    def feed(self, data: bytes) -> list[Frame]:
-        if self._buffer:
-            self._buffer += data
-            view = bytes(self._buffer)
-        else:
-            view = data
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         frames: list[Frame] = []
+        view = memoryview(data)
+        n = len(view)
         pos = 0
-        end = len(view)
-        while end - pos >= HEADER_SIZE:
+        if self._head:
+            need = HEADER_SIZE - len(self._head)
+            if n < need:
+                self._head += bytes(view)
+                return frames
+            header = self._head + bytes(view[:need])
+            self._head = b""
+            pos = need
+            ftype, flags, stream_id, length = HEADER.unpack(header)
+            frame_type = self._check_header(ftype, flags, stream_id, length)
+            self._frame, self._missing = (frame_type, flags, stream_id), length
+        if self._frame is not None:
+            take = min(self._missing, n - pos)
+            if take:
+                self._parts.append(view[pos : pos + take] if view.readonly else bytes(view[pos : pos + take]))
+                self._held += take
+                self._missing -= take
+                pos += take
+            if self._missing:
+                return frames
+            frame_type, flags, stream_id = self._frame
+            parts = self._parts
+            frames.append(Frame(frame_type, flags, stream_id, bytes(parts[0]) if len(parts) == 1 else b"".join(parts)))
+            self._frame, self._parts, self._held = None, [], 0
+        while n - pos >= HEADER_SIZE:
             ftype, flags, stream_id, length = HEADER.unpack_from(view, pos)
             frame_type = self._check_header(ftype, flags, stream_id, length)
-            if end - pos - HEADER_SIZE < length:
-                break
             start = pos + HEADER_SIZE
-            frames.append(Frame(frame_type, flags, stream_id, view[start : start + length]))
-            pos = start + length
-        self._buffer = bytearray(view[pos:]) if pos < end else bytearray()
+            end = start + length
+            if end > n:
+                self._frame, self._missing = (frame_type, flags, stream_id), end - n
+                if start < n:
+                    self._parts = [view[start:] if view.readonly else bytes(view[start:])]
+                    self._held = n - start
+                return frames
+            frames.append(Frame(frame_type, flags, stream_id, bytes(view[start:end])))
+            pos = end
+        if pos < n:
+            self._head = bytes(view[pos:])
         return frames
 
     def _check_header(self, ftype: int, flags: int, stream_id: int, length: int) -> FrameType:

@@ -78,6 +78,10 @@ class AgentConfig:
     heartbeat_interval: float = option(1.0, group=TIMING, help="seconds between tunnel pings")
     dead_after: float = option(3.0, group=TIMING, help="an edge silent this long is dead; reconnect")
     log_level: str = option("info", group=PROCESS, choices=("debug", "info", "warning", "error"), help="log level")
+    tunnel_client: str = option("own", group=PROCESS, choices=("own", "websockets"),
+                                help="WebSocket client of the tunnel: own = websockets' sans-I/O protocol on the "
+                                     "agent's own asyncio protocol (fewer copies and hops per message); websockets = "
+                                     "its asyncio client (used anyway when an https_proxy applies to the edge URL)")
     loop: str = option("auto", group=PROCESS, choices=("auto", "uvloop", "asyncio"),
                        help="event loop: auto picks uvloop when installed")
 

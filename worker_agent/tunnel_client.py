@@ -17,6 +17,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from relay.io import StreamChannel, TunnelIO
 from runtime.cli import StartupError
+from runtime.tlsread import record_sized_reads
 from tunnel import (
     Connection,
     ErrorCode,
@@ -35,7 +36,7 @@ from tunnel import (
     WorkerStatus,
 )
 
-from . import __version__, websocket
+from . import __version__, websocket, wsconn
 from .backoff import AuthFailures, Backoff
 from .config import AgentConfig
 from .forward import forward
@@ -75,6 +76,7 @@ class AgentHost(Protocol):
 
 def client_ssl_context(cfg: AgentConfig) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    record_sized_reads(ctx)  # no 256 KiB buffer per TLS read (runtime/tlsread.py)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cfg.ca:
         try:
@@ -115,7 +117,7 @@ class TunnelClient:
         self.url = url
         self.index = index
         self.io: TunnelIO | None = None
-        self.ws: ClientConnection | None = None
+        self.ws: ClientConnection | wsconn.WSConnection | None = None
         self.connected = asyncio.Event()
         self._welcome: asyncio.Future[WelcomeReceived] | None = None
         self._tasks: dict[int, asyncio.Task[None]] = {}
@@ -206,14 +208,24 @@ class TunnelClient:
                       2 * v.attempt, "" if cfg.max_auth_failures else " (--max-auth-failures N to give up)")
         return v.delay
 
-    async def _session(self) -> None:
+    async def _connect(self) -> ClientConnection | wsconn.WSConnection:
+        """The WebSocket connection to the edge: our own protocol on websockets'
+        sans-I/O core (wsconn), or websockets' asyncio client when asked
+        (--tunnel-client websockets) or when a proxy must be crossed."""
         cfg = self.agent.config
         settings = self.agent.settings
-        async with connect(
+        ssl_context = self.agent.ssl_context if self.url.startswith("wss:") else None
+        headers = {"Authorization": f"Bearer {cfg.token}"}
+        max_size = settings.connection_window + (1 << 20)
+        user_agent = f"worker-agent/{__version__}"
+        if cfg.tunnel_client == "own" and not wsconn.needs_proxy(self.url):
+            return await wsconn.connect(self.url, ssl_context=ssl_context, headers=headers, user_agent=user_agent,
+                                        max_size=max_size, open_timeout=10, close_timeout=1)
+        return await connect(
             self.url,
-            ssl=self.agent.ssl_context if self.url.startswith("wss:") else None,
-            additional_headers={"Authorization": f"Bearer {cfg.token}"},
-            max_size=settings.connection_window + (1 << 20),
+            ssl=ssl_context,
+            additional_headers=headers,
+            max_size=max_size,
             max_queue=64,
             ping_interval=None,  # the tunnel has its own heartbeats
             compression=None,
@@ -222,13 +234,23 @@ class TunnelClient:
             # Honours https_proxy / no_proxy: many networks that block inbound
             # traffic also force outbound HTTPS through a proxy.
             proxy=True,
-            user_agent_header=f"worker-agent/{__version__}",
-        ) as ws:
+            user_agent_header=user_agent,
+        )
+
+    async def _session(self) -> None:
+        cfg = self.agent.config
+        settings = self.agent.settings
+        ws = await self._connect()
+        try:
             self.ws = ws
             self._edge_draining = False
             conn = Connection(Role.AGENT, settings)
-            io = TunnelIO(conn, ws.send, self._on_event, Heartbeat(cfg.heartbeat_interval, cfg.dead_after),
-                          self._on_dead)
+            hb = Heartbeat(cfg.heartbeat_interval, cfg.dead_after)
+            if isinstance(ws, wsconn.WSConnection):
+                io = TunnelIO(conn, ws.send, self._on_event, hb, self._on_dead, write=ws.write_frames,
+                              drain=ws.drain)
+            else:
+                io = TunnelIO(conn, ws.send, self._on_event, hb, self._on_dead)
             self.io = io
             self._welcome = asyncio.get_running_loop().create_future()
             labels = dict(cfg.labels)
@@ -237,7 +259,10 @@ class TunnelClient:
                                   instance=self.agent.instance, health_path=cfg.health_path, process_aware=True))
             io.start()
             try:
-                reader = asyncio.create_task(self._read_loop(ws, io))
+                if isinstance(ws, wsconn.WSConnection):
+                    reader = asyncio.create_task(self._read_own(ws, io))
+                else:
+                    reader = asyncio.create_task(self._read_loop(ws, io))
                 waits: set[asyncio.Future[Any]] = {reader, self._welcome}
                 done, _ = await asyncio.wait(waits, timeout=10,
                                              return_when=asyncio.FIRST_COMPLETED)
@@ -268,6 +293,29 @@ class TunnelClient:
             finally:
                 self.agent.tunnel_ended(self)
                 await self._stop_streams(io)
+        finally:
+            await ws.close()
+
+    async def _read_own(self, ws: wsconn.WSConnection, io: TunnelIO) -> None:
+        """Reading with wsconn: the messages' bytes are fed to the tunnel from
+        the transport's callback as they arrive (no task or queue per
+        message); this waits for the end and says why, as `_read_loop` does."""
+
+        def on_data(data: bytes | memoryview) -> None:
+            try:
+                io.feed(data)
+            except ProtocolError as exc:
+                log.error("tunnel %s: the edge sent a malformed frame: %s", self.name, exc)
+                ws.send_now(io.conn.data_to_send())  # the GOAWAY saying why, before the close
+                raise
+            if io.conn.state is State.CLOSED or (self._edge_draining and not io.channels):
+                ws.stop_reading()  # all our streams are done: reconnect (to the restarted edge)
+
+        ws.start(on_data)
+        await ws.done
+        if ws.closed_exc is not None and (conn_goaway := io.conn.goaway_received):
+            if conn_goaway.code is not ErrorCode.NO_ERROR:
+                raise ConnectionError(f"edge closed the tunnel: {conn_goaway.code.name} {conn_goaway.reason}")
 
     async def _read_loop(self, ws: ClientConnection, io: TunnelIO) -> None:
         while True:

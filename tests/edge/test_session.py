@@ -63,3 +63,29 @@ async def test_a_closed_session_is_freed_by_reference_counting_not_by_the_cycle_
     finally:
         gc.enable()
         gc.collect()
+
+
+def test_ws_message_is_one_server_frame_of_the_joined_frames_with_large_pieces_unjoined():
+    from websockets.frames import Frame, Opcode
+    from websockets.streams import StreamReader
+
+    from edge_proxy.session import JOIN_BELOW, ws_message
+
+    for sizes in ([0], [125], [126], [10, 65525], [65535, 1], [10, 70_000, 10, 3], [JOIN_BELOW, 5]):
+        frames = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+        frames[0] = memoryview(frames[0])  # views pass through as they are
+        out = ws_message(frames)
+        big = [f for f in frames if len(f) >= JOIN_BELOW]
+        assert all(any(o is f for o in out) for f in big), "large pieces are not copied"
+        reader = StreamReader()
+        reader.feed_data(b"".join(out))
+        parser = Frame.parse(reader.read_exact, mask=False)
+        try:
+            next(parser)
+        except StopIteration as done:
+            frame = done.value
+        else:
+            raise AssertionError("incomplete frame")
+        assert frame.opcode is Opcode.BINARY and frame.fin
+        assert bytes(frame.data) == b"".join(frames)
+        assert not reader.buffer

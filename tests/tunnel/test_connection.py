@@ -327,3 +327,29 @@ def test_malformed_process_aware_is_a_protocol_error():
 
     with pytest.raises(ProtocolError):
         Hello.decode(json.dumps({"versions": [1], "agent_id": "w1", "process_aware": "yes"}).encode())
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_any_cut_of_the_byte_stream_gives_the_same_frames(kind):
+    """The agent feeds WebSocket payload pieces as the transport reads them:
+    every cut point, over any bytes-like input, decodes to the same frames,
+    and a mutable input changed after the call does not change them."""
+    from tunnel.frames import FrameDecoder
+
+    frames = [encode_frame(FrameType.DATA, 1, bytes(range(200))), encode_frame(FrameType.PING, 0, b"12345678"),
+              encode_frame(FrameType.DATA, 3, b""), encode_frame(FrameType.DATA, 5, b"x" * 30)]
+    raw = b"".join(frames)
+    want = FrameDecoder(1024).feed(raw)
+    assert len(want) == 4
+    for a in range(len(raw) + 1):
+        for b in range(a, len(raw) + 1, 13):
+            d = FrameDecoder(1024)
+            got = []
+            for piece in (raw[:a], raw[a:b], raw[b:]):
+                buf = bytearray(piece) if kind is bytearray else piece
+                got += d.feed(kind(buf) if kind is memoryview else buf)
+                if isinstance(buf, bytearray):
+                    buf[:] = b"\xff" * len(buf)  # the caller reuses its buffer
+            assert got == want, (a, b)
+            assert all(type(f.payload) is bytes for f in got)
+            assert d.buffered == 0
