@@ -21,7 +21,8 @@ from tunnel import (
 from . import websocket
 from .config import AgentConfig
 from .coverage import EdgeCoverage
-from .tunnel_client import TunnelClient, client_ssl_context
+from .dial import client_ssl_context
+from .tunnel_client import TunnelClient
 from .upstream import UpstreamPool
 
 log = logging.getLogger("worker_agent")

@@ -1,7 +1,8 @@
 """One tunnel to one edge, reconnected for as long as the agent runs: the
-dial (TLS, token, proxy), the handshake, the read loop, admission of each
-stream to the agent's capacity, forwarding (HTTP or WebSocket), backoff on
-failures and on refusals, drain. `AgentHost` is what it needs of the agent."""
+handshake, admission of each stream to the agent's capacity, forwarding
+(HTTP or WebSocket), backoff on failures and on refusals, drain. The
+WebSocket itself (TLS, token, proxy; how it is read) is dial.py. `AgentHost`
+is what it needs of the agent."""
 
 from __future__ import annotations
 
@@ -12,12 +13,10 @@ import time
 from typing import Any, Protocol
 
 import aiohttp
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from relay.io import StreamChannel, TunnelIO
-from runtime.cli import StartupError
-from runtime.tlsread import record_sized_reads
 from tunnel import (
     Connection,
     ErrorCode,
@@ -36,7 +35,7 @@ from tunnel import (
     WorkerStatus,
 )
 
-from . import __version__, websocket, wsconn
+from . import __version__, dial, websocket, wsconn
 from .backoff import AuthFailures, Backoff
 from .config import AgentConfig
 from .forward import forward
@@ -72,28 +71,6 @@ class AgentHost(Protocol):
     def tunnel_ended(self, client: TunnelClient) -> None: ...
 
     def duplicate_delay(self, client: TunnelClient) -> float | None: ...
-
-
-def client_ssl_context(cfg: AgentConfig) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    record_sized_reads(ctx)  # no 256 KiB buffer per TLS read (runtime/tlsread.py)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if cfg.ca:
-        try:
-            ctx.load_verify_locations(cfg.ca)
-        except (OSError, ssl.SSLError) as exc:
-            raise StartupError(f"cannot load CA file {cfg.ca}: {exc}; pass the edge's ca.pem with --ca") from None
-    if cfg.client_cert:
-        try:
-            ctx.load_cert_chain(cfg.client_cert, cfg.client_key)
-        except (OSError, ssl.SSLError) as exc:
-            raise StartupError(f"cannot load client certificate {cfg.client_cert}: {exc}") from None
-    if cfg.insecure:
-        log.warning("TLS certificate verification of the edge is OFF (--insecure): anyone on the path can "
-                    "impersonate the edge and read every request")
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 class EdgeRefused(Exception):
@@ -209,33 +186,7 @@ class TunnelClient:
         return v.delay
 
     async def _connect(self) -> ClientConnection | wsconn.WSConnection:
-        """The WebSocket connection to the edge: our own protocol on websockets'
-        sans-I/O core (wsconn), or websockets' asyncio client when asked
-        (--tunnel-client websockets) or when a proxy must be crossed."""
-        cfg = self.agent.config
-        settings = self.agent.settings
-        ssl_context = self.agent.ssl_context if self.url.startswith("wss:") else None
-        headers = {"Authorization": f"Bearer {cfg.token}"}
-        max_size = settings.connection_window + (1 << 20)
-        user_agent = f"worker-agent/{__version__}"
-        if cfg.tunnel_client == "own" and not wsconn.needs_proxy(self.url):
-            return await wsconn.connect(self.url, ssl_context=ssl_context, headers=headers, user_agent=user_agent,
-                                        max_size=max_size, open_timeout=10, close_timeout=1)
-        return await connect(
-            self.url,
-            ssl=ssl_context,
-            additional_headers=headers,
-            max_size=max_size,
-            max_queue=64,
-            ping_interval=None,  # the tunnel has its own heartbeats
-            compression=None,
-            open_timeout=10,
-            close_timeout=1,
-            # Honours https_proxy / no_proxy: many networks that block inbound
-            # traffic also force outbound HTTPS through a proxy.
-            proxy=True,
-            user_agent_header=user_agent,
-        )
+        return await dial.connect(self.agent.config, self.agent.settings, self.url, self.agent.ssl_context)
 
     async def _session(self) -> None:
         cfg = self.agent.config
@@ -260,9 +211,9 @@ class TunnelClient:
             io.start()
             try:
                 if isinstance(ws, wsconn.WSConnection):
-                    reader = asyncio.create_task(self._read_own(ws, io))
+                    reader = asyncio.create_task(dial.read_own(ws, io, self.name, self._reconnect_due))
                 else:
-                    reader = asyncio.create_task(self._read_loop(ws, io))
+                    reader = asyncio.create_task(dial.read_loop(ws, io, self.name, self._reconnect_due))
                 waits: set[asyncio.Future[Any]] = {reader, self._welcome}
                 done, _ = await asyncio.wait(waits, timeout=10,
                                              return_when=asyncio.FIRST_COMPLETED)
@@ -296,49 +247,9 @@ class TunnelClient:
         finally:
             await ws.close()
 
-    async def _read_own(self, ws: wsconn.WSConnection, io: TunnelIO) -> None:
-        """Reading with wsconn: the messages' bytes are fed to the tunnel from
-        the transport's callback as they arrive (no task or queue per
-        message); this waits for the end and says why, as `_read_loop` does."""
-
-        def on_data(data: bytes | memoryview) -> None:
-            try:
-                io.feed(data)
-            except ProtocolError as exc:
-                log.error("tunnel %s: the edge sent a malformed frame: %s", self.name, exc)
-                ws.send_now(io.conn.data_to_send())  # the GOAWAY saying why, before the close
-                raise
-            if io.conn.state is State.CLOSED or (self._edge_draining and not io.channels):
-                ws.stop_reading()  # all our streams are done: reconnect (to the restarted edge)
-
-        ws.start(on_data)
-        await ws.done
-        if ws.closed_exc is not None and (conn_goaway := io.conn.goaway_received):
-            if conn_goaway.code is not ErrorCode.NO_ERROR:
-                raise ConnectionError(f"edge closed the tunnel: {conn_goaway.code.name} {conn_goaway.reason}")
-
-    async def _read_loop(self, ws: ClientConnection, io: TunnelIO) -> None:
-        while True:
-            try:
-                data = await ws.recv()
-            except ConnectionClosed:
-                if conn_goaway := io.conn.goaway_received:
-                    if conn_goaway.code is not ErrorCode.NO_ERROR:
-                        raise ConnectionError(f"edge closed the tunnel: {conn_goaway.code.name} "
-                                              f"{conn_goaway.reason}") from None
-                return
-            if isinstance(data, str):
-                raise ConnectionError("edge sent a text message")
-            try:
-                io.feed(data)
-            except ProtocolError as exc:
-                log.error("tunnel %s: the edge sent a malformed frame: %s", self.name, exc)
-                await io.drain_output()
-                raise
-            if io.conn.state is State.CLOSED:
-                return
-            if self._edge_draining and not io.channels:
-                return  # all our streams are done: reconnect (to the restarted edge)
+    def _reconnect_due(self) -> bool:
+        """The edge is draining and all our streams are done: reconnect (to the restarted edge)."""
+        return self._edge_draining and not (self.io is not None and self.io.channels)
 
     def _on_event(self, ev: Event) -> None:
         io = self.io
