@@ -42,9 +42,13 @@ SPARE_CONNECTIONS = 2
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
-def share(capacity: int, processes: int) -> int:
-    """What one of `processes` edge processes admits of a worker's capacity."""
-    return -(-capacity // max(1, processes))
+def share(capacity: int, processes: int, index: int) -> int:
+    """What edge process `index` of `processes` admits of a direct worker's
+    capacity: the processes' shares add up to the capacity (a direct worker
+    has no admission of its own to refuse an excess), but each admits at
+    least one (with fewer slots than processes, up to `processes` at once)."""
+    n = max(1, processes)
+    return max(1, capacity // n + (1 if index < capacity % n else 0))
 
 
 class DirectSession:
@@ -57,7 +61,7 @@ class DirectSession:
         self.spec = spec
         self.state = state
         cfg = state.config
-        connector = aiohttp.TCPConnector(limit=share(spec.capacity, cfg.processes) + SPARE_CONNECTIONS,
+        connector = aiohttp.TCPConnector(limit=share(spec.capacity, cfg.processes, cfg.process_index) + SPARE_CONNECTIONS,
                                          keepalive_timeout=cfg.direct_keepalive)
         self.client = aiohttp.ClientSession(
             connector=connector,
@@ -135,6 +139,8 @@ class DirectSession:
         until --upstream-timeout (a tunnel's requests end with the tunnel; these end here)."""
         now = asyncio.get_running_loop().time()
         for slot, deadline in list(self._waiting.items()):
+            if deadline.expired():
+                continue  # its own timeout fired in this loop iteration: it ends by itself
             slot.abandoned = why
             deadline.reschedule(now)
 
@@ -258,18 +264,27 @@ class DirectWorkers:
         # With --processes N each process dials the worker itself: each admits
         # its share, as for tunnel workers (a direct worker has no admission
         # of its own to refuse the excess).
-        capacity = share(spec.capacity, self.state.config.processes)
+        cfg = self.state.config
+        capacity = share(spec.capacity, cfg.processes, cfg.process_index)
         worker, _ = reg.attach(session, spec.id, spec.pool, capacity, DIRECT_TUNNEL, OWNER, software="direct",
                                health_path=spec.health)
         worker.kind, worker.url = DirectSession.kind, spec.url
-        if old is None or old.spec.url != spec.url or old.spec.health != spec.health or old.spec.pool != spec.pool:
+        same_endpoint = old is not None and old.worker is not None and (old.spec.url, old.spec.health, old.spec.pool) \
+            == (spec.url, spec.health, spec.pool)
+        if same_endpoint and old is not None and old.worker is not None:
+            # Only its capacity or id changed: what its checks and answers
+            # said still holds (a failing or ejected worker stays out).
+            worker.health = old.worker.health
+        else:
             # Admitted on proof: no request goes to it before a check passes,
             # so a worker down at start costs nothing but its absence.
             worker.health = WorkerHealth(reg.policy, checks_healthy=False)
         self.sessions[spec.id] = session
         session.start(worker)
-        of = f", {capacity} of it at process {self.state.config.process_index}" \
-             if self.state.config.processes > 1 else ""
+        of = f", {capacity} of it at process {cfg.process_index} of {cfg.processes}" if cfg.processes > 1 else ""
+        if spec.capacity < cfg.processes and cfg.process_index == 0:
+            log.warning("direct worker %s: capacity %d is below --processes %d; each process admits 1, so up to %d "
+                        "requests may reach it at once", spec.id, spec.capacity, cfg.processes, cfg.processes)
         log.info("direct worker %s joins pool %s at %s (capacity %d%s, checked at %s)", spec.id, spec.pool, spec.url,
                  spec.capacity, of, session.check_path())
 

@@ -38,7 +38,9 @@ def snapshot(state: EdgeState) -> dict[str, Any]:
         info["check_age_s"] = None if w.health.last_check is None else round(now - w.health.last_check, 3)
         announced = [hello.capacity for s in w.sessions.values()  # the capacity in its HELLO
                      if (hello := getattr(getattr(s, "conn", None), "hello", None)) is not None]
-        info["announced_capacity"] = max(announced) if announced else w.capacity
+        declared = [spec.capacity for s in w.sessions.values()  # a direct worker's, as the operator declared it
+                    if (spec := getattr(s, "spec", None)) is not None]
+        info["announced_capacity"] = max(announced or declared or [w.capacity])
         workers.append(info)
     pools = state.registry.pools
     return {

@@ -118,6 +118,7 @@ class WSConnection(asyncio.Protocol):
         self._stop(None)
         if not self._lost.done():
             self._lost.set_result(None)
+        self._paused = False  # nothing is paused any more: a later drain() must not wait for a resume
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ConnectionError("connection lost"))
             self._drain.exception()
@@ -317,6 +318,8 @@ class WSConnection(asyncio.Protocol):
 
     async def drain(self) -> None:
         """Wait until the transport takes more (ConnectionError if it is lost)."""
+        if self._lost.done():
+            raise ConnectionError("connection lost")
         if self._paused:
             if self._drain is None or self._drain.done():
                 self._drain = asyncio.get_running_loop().create_future()

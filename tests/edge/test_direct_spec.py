@@ -128,3 +128,14 @@ async def test_applying_a_new_set_adds_removes_and_replaces():
     assert workers.apply([b2])["unchanged"] == ["b"]
     await workers.close()
     assert not workers.sessions
+
+
+@pytest.mark.parametrize(("capacity", "processes", "shares"), [
+    (4, 1, [4]), (5, 2, [3, 2]), (8, 3, [3, 3, 2]), (2, 4, [1, 1, 1, 1]), (1, 1, [1]),
+])
+def test_processes_share_a_direct_workers_capacity_without_exceeding_it(capacity, processes, shares):
+    from edge_proxy.direct import share
+
+    got = [share(capacity, processes, i) for i in range(processes)]
+    assert got == shares
+    assert sum(got) == max(capacity, processes)  # exact, or one each when there are fewer slots than processes

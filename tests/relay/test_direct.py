@@ -326,3 +326,27 @@ async def test_directs_file_is_reloaded_on_sighup(system: System, tmp_path: Path
 
 async def _logged(proc: Proc, text: str) -> bool:
     return text in proc.log()
+
+
+async def test_a_capacity_change_on_sighup_keeps_a_failing_worker_out(system: System, tmp_path: Path):
+    # Its checks fail (404 at /healthz): it never takes traffic.
+    _, up = await system.upstream("up", health_path="/elsewhere")
+    listing = tmp_path / "directs"
+    listing.write_text(f"default={up},id=d1,capacity=2\n")
+    edge_proc, edge = await system.edge("edge", None, "--directs", str(listing))
+
+    async def checked_and_failing() -> bool:
+        w = (await system.workers(edge)).get("d1", {})
+        return "404" in str(w.get("health_detail", ""))
+
+    await wait_for(checked_and_failing, 10, lambda: f"d1's checks to fail\n{edge_proc.log()}")
+    listing.write_text(f"default={up},id=d1,capacity=3\n")
+    edge_proc.signal(signal.SIGHUP)
+    await wait_for(lambda: _logged(edge_proc, "SIGHUP: direct workers reloaded"), 10, "the reload")
+    # Only the capacity changed: what the checks said still holds. (A fresh
+    # health state would let it in until two more checks failed.)
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        w = (await system.workers(edge))["d1"]
+        assert not w["available"] and w["capacity"] == 3, w
+        await asyncio.sleep(0.05)
