@@ -1,6 +1,5 @@
 """The agent's WebSocket connection to the edge: `websockets`' sans-I/O
-`ClientProtocol` driven from our own asyncio protocol, instead of its
-asyncio client.
+`ClientProtocol` driven from our own asyncio protocol, not its asyncio client.
 
 Why: the asyncio client reads every message through a task, a queue and
 three copies (the sans-I/O reader's buffer, its exact reads, the message
