@@ -34,6 +34,16 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
 pytest.importorskip("playwright", reason="needs the Python package playwright (test extra)")
 
 
+async def figures_shown(page) -> None:  # type: ignore[no-untyped-def]
+    """The label, and every figure a number (the median latency above 0)."""
+    label = await page.text_content("#label")
+    assert label and label != "—"
+    for fig in ("#p50", "#p99", "#jitter", "#afps", "#server"):
+        text = await page.text_content(fig)
+        assert text is not None and float(text) >= 0, (fig, text)
+    assert float(await page.text_content("#p50") or 0) > 0
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Server]:
     s = start_server("onnxruntime", tmp_path_factory.mktemp("live-logs"), model_cache)
@@ -64,12 +74,7 @@ async def test_live_page_streams_the_camera_and_shows_label_latency_and_jitter(s
             stats = await page.evaluate("({sent: liveStats.sent, answered: liveStats.answered, "
                                         "protocol: liveStats.protocol, jitter: liveStats.jitter})")
             assert stats["protocol"] == "inference.v1", stats
-            label = await page.text_content("#label")
-            assert label and label != "—"
-            for fig in ("#p50", "#p99", "#jitter", "#afps", "#server"):
-                text = await page.text_content(fig)
-                assert text is not None and float(text) >= 0, (fig, text)
-            assert float(await page.text_content("#p50") or 0) > 0
+            await figures_shown(page)
             assert float(await page.text_content("#afps") or 0) > 0
             assert "streaming 15 fps" in (await page.text_content("#status") or "")
             shot = tmp_path / "live.png"
@@ -143,12 +148,7 @@ async def test_live_page_through_the_edge_authenticates_with_the_subprotocol_onl
                 await page.wait_for_function("window.liveStats.answered >= 30", timeout=90_000)
                 await figures_painted(page)
                 assert await page.evaluate("liveStats.protocol") == "inference.v1"
-                label = await page.text_content("#label")
-                assert label and label != "—"
-                for fig in ("#p50", "#p99", "#jitter", "#afps", "#server"):
-                    text = await page.text_content(fig)
-                    assert text is not None and float(text) >= 0, (fig, text)
-                assert float(await page.text_content("#p50") or 0) > 0
+                await figures_shown(page)
                 assert "streaming 15 fps to wss://" in (await page.text_content("#status") or "")
                 shot = tmp_path / "live-edge.png"
                 await page.screenshot(path=str(shot))
